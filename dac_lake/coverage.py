@@ -1,0 +1,73 @@
+"""Which partitions and `_healpix_29` ranges a sky region touches (pure functions, no I/O).
+
+The query path turns a cone into (a) the partition files to read and (b) `_healpix_29` ranges that let
+DuckDB skip row groups inside those files. Both are supersets: the exact distance test runs on the rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from astropy import units as u
+from astropy.coordinates import Latitude, Longitude
+from cdshealpix.nested import cone_search
+
+from dac_lake.healpix import SPATIAL_INDEX_ORDER, pixel_range29
+
+#: order of the `_healpix_29` ranges used for row-group pruning: fine enough to hug a small cone,
+#: coarse enough that a 30-degree cone stays a few thousand ranges
+MAX_RANGE_ORDER = 14
+
+
+def cone_ranges29(ra: float, dec: float, radius_deg: float, max_ranges: int = 2000) -> np.ndarray:
+    """Merged [lo, hi) `_healpix_29` ranges covering a cone (a superset of it)."""
+    if not (0 < radius_deg <= 180):
+        raise ValueError(f"cone radius must be in (0, 180] degrees, got {radius_deg}")
+    order = _range_order(radius_deg)
+    while True:
+        cells, depths, _ = cone_search(
+            Longitude(ra % 360, u.deg), Latitude(dec, u.deg), radius_deg * u.deg, depth=order, flat=False
+        )
+        shift = 2 * (SPATIAL_INDEX_ORDER - depths.astype(np.int64))
+        lo = cells.astype(np.int64) << shift
+        hi = (cells.astype(np.int64) + 1) << shift
+        idx = np.argsort(lo)
+        lo, hi = lo[idx], hi[idx]
+        ranges = _merge(lo, hi)
+        if len(ranges) <= max_ranges or order <= 2:
+            return ranges
+        order -= 1
+
+
+def _range_order(radius_deg: float) -> int:
+    # pixel size at order k is about 58.6 / 2**k degrees; aim for ~8 pixels across the radius
+    size = max(radius_deg / 8.0, 1e-9)
+    order = int(np.floor(np.log2(58.6 / size)))
+    return int(np.clip(order, 0, MAX_RANGE_ORDER))
+
+
+def _merge(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    if len(lo) == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    out_lo, out_hi = [int(lo[0])], [int(hi[0])]
+    for a, b in zip(lo[1:].tolist(), hi[1:].tolist(), strict=True):
+        if a <= out_hi[-1]:
+            out_hi[-1] = max(out_hi[-1], b)
+        else:
+            out_lo.append(a)
+            out_hi.append(b)
+    return np.stack([np.array(out_lo, dtype=np.int64), np.array(out_hi, dtype=np.int64)], axis=1)
+
+
+def partitions_touching(
+    partitions: list[tuple[int, int, int]], ranges: np.ndarray
+) -> list[tuple[int, int, int]]:
+    """The partitions (order, pixel, rows) whose `_healpix_29` span overlaps any of `ranges`."""
+    if len(ranges) == 0:
+        return []
+    out = []
+    for order, pixel, rows in partitions:
+        lo, hi = pixel_range29(order, pixel)
+        i = np.searchsorted(ranges[:, 1], lo, side="right")
+        if i < len(ranges) and ranges[i, 0] < hi:
+            out.append((order, pixel, rows))
+    return out

@@ -1,0 +1,1 @@
+"""Ingest pipelines: releases and alert streams."""

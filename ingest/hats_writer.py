@@ -1,0 +1,322 @@
+"""Writing a sorted Arrow table as a HATS collection: catalog, margin cache, index catalog, metadata.
+
+The input is one table already sorted by `_healpix_29` (see `ingest.release`). Because nested HEALPix
+pixels are contiguous `_healpix_29` ranges, each partition and each margin is a slice found by binary
+search; partitions are written in parallel threads (pyarrow releases the GIL while encoding and uploading).
+The output is what hats-import writes (HATS 1.0 names, `_healpix_29` first, files sorted by it, hats'
+own Parquet encodings), so `hats.read_hats` and `lsdb.open_catalog` open it with no dac-lake code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from hats.catalog import PartitionInfo, TableProperties
+from hats.catalog.dataset.collection_properties import CollectionProperties
+from hats.io import skymap as hats_skymap
+from hats.io.file_io import get_parquet_write_table_kwargs
+from hats.pixel_math import HealpixPixel
+
+from dac_lake import healpix, layout
+from dac_lake.layout import pixel_file
+from dac_lake.storage import LakeStorage
+
+log = logging.getLogger(__name__)
+
+#: rows per Parquet row group: small enough that a cone's `_healpix_29` range skips most of a file,
+#: large enough that full scans stay fast
+ROW_GROUP_ROWS = 100_000
+INDEX_FILE_ROWS = 5_000_000
+SKYMAP_MAX_ORDER = 8
+
+
+@dataclass
+class WrittenCatalog:
+    """What was written for one HATS catalog of the collection."""
+
+    name: str
+    rows: int = 0
+    bytes: int = 0
+    partitions: list[tuple[int, int, int]] = field(default_factory=list)  # (order, pixel, rows)
+
+
+class HatsCollectionWriter:
+    """Writes one HATS collection under `storage`'s `root` (a release prefix)."""
+
+    def __init__(
+        self,
+        storage: LakeStorage,
+        root: str,
+        catalog_name: str,
+        ra_column: str,
+        dec_column: str,
+        id_column: str,
+        threads: int = 4,
+        progress: Callable[[str, int, int], None] | None = None,
+    ):
+        self.storage = storage
+        self.root = root.strip("/")
+        self.name = catalog_name
+        self.ra_column = ra_column
+        self.dec_column = dec_column
+        self.id_column = id_column
+        self.threads = max(1, threads)
+        self.progress = progress or (lambda stage, done, total: None)
+
+    # ------------------------------------------------------------------ helpers
+    def _dir(self, sub: str) -> str:
+        return f"{self.root}/{sub}"
+
+    def _write_parquet(self, table: pa.Table, rel: str, write_kwargs: dict) -> pq.FileMetaData:
+        collector: list[pq.FileMetaData] = []
+        self.storage.make_dirs(rel.rsplit("/", 1)[0])
+        pq.write_table(
+            table,
+            self.storage.path(rel),
+            filesystem=self.storage.pa_fs,
+            metadata_collector=collector,
+            **write_kwargs,
+        )
+        return collector[0]
+
+    def _write_kwargs(self, schema: pa.Schema, sort_column: str = healpix.SPATIAL_INDEX_COLUMN) -> dict:
+        sorting = pq.SortingColumn.from_ordering(schema, [(sort_column, "ascending")])
+        return get_parquet_write_table_kwargs(
+            schema, write_table_kwargs={"sorting_columns": sorting, "row_group_size": ROW_GROUP_ROWS}
+        )
+
+    def _write_dataset_metadata(
+        self, catalog_dir: str, schema: pa.Schema, parts: list[tuple[str, pq.FileMetaData]]
+    ):
+        """`_common_metadata` (schema) and `_metadata` (every row group, file paths relative to dataset/)."""
+        common = self.storage.path(f"{catalog_dir}/dataset/_common_metadata")
+        pq.write_metadata(schema, common, filesystem=self.storage.pa_fs)
+        collected = []
+        for rel_path, md in parts:
+            md.set_file_path(rel_path)
+            collected.append(md)
+        pq.write_metadata(
+            schema,
+            self.storage.path(f"{catalog_dir}/dataset/_metadata"),
+            metadata_collector=collected,
+            filesystem=self.storage.pa_fs,
+        )
+
+    def _properties(self, **kwargs) -> TableProperties:
+        now = dt.datetime.now(dt.UTC)
+        base = {
+            "hats_builder": "dac-lake",
+            "hats_creation_date": now.strftime("%Y-%m-%dT%H:%M%Z"),
+            "hats_release_date": "2025-08-22",
+            "hats_version": "v1.0",
+        }
+        return TableProperties(**(kwargs | base))
+
+    # ------------------------------------------------------------------ the catalog
+    def write_catalog(
+        self,
+        table: pa.Table,
+        plan: list[tuple[int, int, int]],
+        counts: np.ndarray,
+        mapping_order: int,
+        max_rows: int,
+        extra_properties: dict[str, str] | None = None,
+    ) -> WrittenCatalog:
+        """Write the primary catalog. `table` is sorted by `_healpix_29`; `plan` comes from
+        `healpix.plan_partitions`; `counts` is the order-`mapping_order` histogram."""
+        hp29 = table.column(healpix.SPATIAL_INDEX_COLUMN).to_numpy()
+        cat_dir = self._dir(self.name)
+        kwargs = self._write_kwargs(table.schema)
+        written = WrittenCatalog(self.name)
+
+        def write_one(item: tuple[int, int, int]) -> tuple[str, pq.FileMetaData, int]:
+            order, pixel, _ = item
+            lo, hi = healpix.pixel_range29(order, pixel)
+            start, stop = np.searchsorted(hp29, [lo, hi])
+            rel = pixel_file(order, pixel)
+            md = self._write_parquet(table.slice(start, stop - start), f"{cat_dir}/dataset/{rel}", kwargs)
+            return rel, md, int(stop - start)
+
+        parts = self._map(write_one, plan, "partitions")
+        for (order, pixel, _), (_, md, nrows) in zip(plan, parts, strict=True):
+            written.partitions.append((order, pixel, nrows))
+            written.rows += nrows
+            written.bytes += sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+        if written.rows != table.num_rows:
+            raise RuntimeError(f"partitioning lost rows: {written.rows} written of {table.num_rows}")
+        self._write_dataset_metadata(cat_dir, table.schema, [(rel, md) for rel, md, _ in parts])
+        pixels = [HealpixPixel(o, p) for o, p, _ in plan]
+        PartitionInfo.from_healpix(pixels).write_to_file(catalog_path=self.storage.upath(cat_dir))
+        skymap_order = min(mapping_order, SKYMAP_MAX_ORDER)
+        skymap_counts = counts.reshape(12 * 4**skymap_order, -1).sum(axis=1)
+        hats_skymap.write_skymap(skymap_counts, self.storage.upath(cat_dir))
+        coverage = sum(4.0**-o for o, _, _ in plan) / 12.0
+        props = self._properties(
+            catalog_name=self.name,
+            catalog_type="object",
+            total_rows=written.rows,
+            ra_column=self.ra_column,
+            dec_column=self.dec_column,
+            healpix_column=healpix.SPATIAL_INDEX_COLUMN,
+            healpix_order=healpix.SPATIAL_INDEX_ORDER,
+            npix_suffix=".parquet",
+            skymap_order=skymap_order,
+            hats_max_rows=max_rows,
+            hats_estsize=int(written.bytes / 1024),
+            moc_sky_fraction=round(coverage, 6),
+            **(extra_properties or {}),
+        )
+        props.to_properties_file(self.storage.upath(cat_dir))
+        return written
+
+    # ------------------------------------------------------------------ margin
+    def write_margin(
+        self, table: pa.Table, plan: list[tuple[int, int, int]], margin_arcsec: float
+    ) -> WrittenCatalog:
+        """The margin cache: for each partition, the rows of the neighbouring margin-order pixels."""
+        name = layout.margin_name(self.name, margin_arcsec)
+        highest = max(o for o, _, _ in plan)
+        margin_order = healpix.margin_order_for(margin_arcsec, highest)
+        hp29 = table.column(healpix.SPATIAL_INDEX_COLUMN).to_numpy()
+        mdir = self._dir(name)
+        kwargs = self._write_kwargs(table.schema)
+        written = WrittenCatalog(name)
+
+        def write_one(item: tuple[int, int, int]) -> tuple[str, pq.FileMetaData, int] | None:
+            order, pixel, _ = item
+            ranges = healpix.margin_ranges29(order, pixel, margin_order)
+            if len(ranges) == 0:
+                return None
+            starts = np.searchsorted(hp29, ranges[:, 0])
+            stops = np.searchsorted(hp29, ranges[:, 1])
+            keep = stops > starts
+            if not keep.any():
+                return None
+            # ranges are sorted and disjoint, so concatenating the slices keeps the `_healpix_29` order
+            pieces = [table.slice(a, b - a) for a, b in zip(starts[keep], stops[keep], strict=True)]
+            part = pa.concat_tables(pieces).combine_chunks()
+            rel = pixel_file(order, pixel)
+            return rel, self._write_parquet(part, f"{mdir}/dataset/{rel}", kwargs), part.num_rows
+
+        results = self._map(write_one, plan, "margin")
+        parts = []
+        pixels = []
+        for (order, pixel, _), res in zip(plan, results, strict=True):
+            if res is None:
+                continue
+            rel, md, nrows = res
+            parts.append((rel, md))
+            pixels.append(HealpixPixel(order, pixel))
+            written.partitions.append((order, pixel, nrows))
+            written.rows += nrows
+            written.bytes += sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+        if not parts:
+            # hats needs at least the schema; an empty margin (a catalog of one pixel) keeps an empty file
+            order, pixel, _ = plan[0]
+            rel = pixel_file(order, pixel)
+            parts.append((rel, self._write_parquet(table.slice(0, 0), f"{mdir}/dataset/{rel}", kwargs)))
+            pixels.append(HealpixPixel(order, pixel))
+        self._write_dataset_metadata(mdir, table.schema, parts)
+        PartitionInfo.from_healpix(pixels).write_to_file(catalog_path=self.storage.upath(mdir))
+        coverage = sum(4.0**-p.order for p in pixels) / 12.0
+        self._properties(
+            catalog_name=name,
+            catalog_type="margin",
+            total_rows=written.rows,
+            ra_column=self.ra_column,
+            dec_column=self.dec_column,
+            healpix_column=healpix.SPATIAL_INDEX_COLUMN,
+            healpix_order=healpix.SPATIAL_INDEX_ORDER,
+            primary_catalog=self.name,
+            margin_threshold=float(margin_arcsec),
+            npix_suffix=".parquet",
+            hats_estsize=int(written.bytes / 1024),
+            moc_sky_fraction=round(coverage, 6),
+        ).to_properties_file(self.storage.upath(mdir))
+        return written
+
+    # ------------------------------------------------------------------ index
+    def write_index(self, ids: pa.Array, orders: np.ndarray, pixels: np.ndarray) -> WrittenCatalog:
+        """An index catalog on the id column: (id, Norder, Npix) sorted by id, as hats' IndexCatalog reads
+        it (row groups small, so a look-up reads a few pages)."""
+        name = layout.index_name(self.name, self.id_column)
+        idir = self._dir(name)
+        table = pa.table(
+            {
+                self.id_column: ids,
+                "Norder": pa.array(orders.astype(np.uint8)),
+                "Npix": pa.array(pixels.astype(np.uint64)),
+            }
+        )
+        order = np.argsort(table.column(self.id_column).to_numpy(zero_copy_only=False), kind="stable")
+        table = table.take(order)
+        sorting = pq.SortingColumn.from_ordering(table.schema, [(self.id_column, "ascending")])
+        kwargs = get_parquet_write_table_kwargs(
+            table.schema,
+            write_table_kwargs={
+                "sorting_columns": sorting,
+                "data_page_size": 16 * 1024,
+                "row_group_size": 100_000,
+            },
+        )
+        chunks = [
+            (i, table.slice(i, INDEX_FILE_ROWS)) for i in range(0, max(table.num_rows, 1), INDEX_FILE_ROWS)
+        ]
+
+        def write_one(item):
+            n, chunk = item
+            rel = f"index/part.{n // INDEX_FILE_ROWS}.parquet"
+            return rel, self._write_parquet(chunk, f"{idir}/dataset/{rel}", kwargs)
+
+        parts = self._map(write_one, chunks, "index")
+        self._write_dataset_metadata(idir, table.schema, parts)
+        self._properties(
+            catalog_name=name,
+            catalog_type="index",
+            total_rows=table.num_rows,
+            primary_catalog=self.name,
+            indexing_column=self.id_column,
+            extra_columns=[],
+        ).to_properties_file(self.storage.upath(idir))
+        written = WrittenCatalog(name, rows=table.num_rows)
+        written.bytes = sum(
+            md.row_group(i).total_byte_size for _, md in parts for i in range(md.num_row_groups)
+        )
+        return written
+
+    # ------------------------------------------------------------------ collection
+    def write_collection_properties(self, margin: str | None, index: str | None) -> None:
+        props = CollectionProperties(
+            obs_collection=self.name,
+            hats_primary_table_url=self.name,
+            all_margins=[margin] if margin else None,
+            default_margin=margin,
+            all_indexes={self.id_column: index} if index else None,
+            default_index=self.id_column if index else None,
+        )
+        props.to_properties_file(self.storage.upath(self.root))
+
+    def _map(self, fn, items: list, stage: str) -> list:
+        """Run `fn` over `items` on the thread pool, in order, reporting progress."""
+        total = len(items)
+        self.progress(stage, 0, total)
+        if self.threads == 1 or total <= 1:
+            out = []
+            for i, item in enumerate(items):
+                out.append(fn(item))
+                self.progress(stage, i + 1, total)
+            return out
+        with ThreadPoolExecutor(self.threads) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            out = []
+            for i, fut in enumerate(futures):
+                out.append(fut.result())
+                self.progress(stage, i + 1, total)
+            return out

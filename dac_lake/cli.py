@@ -119,16 +119,13 @@ def release_list(catalog: Annotated[str | None, typer.Argument()] = None, lake: 
     if not infos:
         typer.echo("no releases")
         return
-    typer.echo(f"{'':2}{'catalog':<20} {'release':<16} {'state':<11} {'rows':>14}  created")
+    typer.echo(f"  {'catalog':<20} {'release':<16} {'state':<11} {'rows':>14}  created")
     for info in infos:
         rows = info.manifest.get("rows")
-        typer.echo(
-            f"{'*' if info.current else ' ':2}{info.catalog:<20} {info.release:<16} {info.state:<11} "
-            f"{rows if rows is not None else '-':>14,}  {info.manifest.get('created_at', '-')}"
-            if rows is not None
-            else f"{'*' if info.current else ' ':2}{info.catalog:<20} {info.release:<16} {info.state:<11} "
-            f"{'-':>14}  {info.marker.get('started_at', '-')}"
-        )
+        rows_text = f"{rows:,}" if rows is not None else "-"
+        created = info.manifest.get("created_at") or info.marker.get("started_at", "-")
+        mark = "*" if info.current else " "
+        typer.echo(f"{mark} {info.catalog:<20} {info.release:<16} {info.state:<11} {rows_text:>14}  {created}")
 
 
 @release_app.command("show")

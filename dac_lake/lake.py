@@ -126,7 +126,7 @@ class Lake:
         saw when it started); if another publication happened since, we refuse rather than overwrite it.
         """
         info = self.release_info(catalog, release)
-        if info.state != "ready":
+        if not info.manifest:  # validated releases have a manifest (their ingest may still hold the marker)
             raise LakeError(
                 f"release {catalog}/{release} is incomplete (an ingest is running or crashed); "
                 "it cannot be published"
@@ -172,8 +172,10 @@ class Lake:
             marker = json.loads(self.storage.read_text(f"{prefix}/{layout.INCOMPLETE_MARKER}"))
         if not manifest and not marker and not self.storage.list_dir(prefix):
             raise LakeError(f"no release {release!r} in catalog {catalog!r}")
-        state = "ready" if manifest else "incomplete"
         current = self.current_release(catalog) == release
+        # the marker goes only after publication (or at once with --no-publish): while it is there and the
+        # release is not referenced, the release is not finished, even if its manifest was written
+        state = "ready" if manifest and (current or not marker) else "incomplete"
         return ReleaseInfo(catalog, release, state, current, manifest, marker)
 
     def list_releases(self, catalog: str | None = None) -> list[ReleaseInfo]:
@@ -210,11 +212,11 @@ class Lake:
             for rel in self.releases(cat):
                 info = self.release_info(cat, rel)
                 prefix = layout.release_prefix(cat, rel)
-                if info.state == "ready":
-                    if info.marker and rel in referenced:
+                if rel in referenced:
+                    if info.marker:  # crashed between publishing and removing the marker: finish it
                         self.storage.delete_file(f"{prefix}/{layout.INCOMPLETE_MARKER}")
                     continue
-                if rel in referenced:
+                if info.state == "ready":
                     continue
                 marker = info.marker
                 alive = False

@@ -130,6 +130,7 @@ def check_unique_ids(
     if len(dup):
         a, b = order[dup[0]], order[dup[0] + 1]
         raise InputError(
-            f"duplicate id {column}={sorted_ids[dup[0]]!r}: {file_names[sources[a]]} row {rows[a] + 1} and "
-            f"{file_names[sources[b]]} row {rows[b] + 1} ({len(dup)} duplicate(s) in all); ids must be unique"
+            f"duplicate id {column}={sorted_ids[dup[0]].item()!r}: "
+            f"{file_names[sources[a]]} row {rows[a] + 1} and {file_names[sources[b]]} row {rows[b] + 1} "
+            f"({len(dup)} duplicate(s) in all); ids must be unique"
         )

@@ -131,7 +131,10 @@ def read_input(
                 strings_can_be_null=True,
                 null_values=["", "NULL", "null", "NaN", "nan", "--"],
             )
-            return pacsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+            try:
+                return pacsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+            except pa.ArrowInvalid as exc:
+                raise InputError(f"{inp.location}: {_locate_csv_error(data, parse, convert, exc)}") from None
         if inp.format == "fits":
             return _astropy_to_arrow(_read_astropy(data, "fits"))
         if inp.format == "votable":
@@ -145,6 +148,39 @@ def read_input(
             f"{inp.location}: cannot read as {inp.format}: {type(exc).__name__}: {exc}"
         ) from None
     raise InputError(f"{inp.location}: unsupported format {inp.format}")
+
+
+def _locate_csv_error(data: bytes, parse, convert, exc: Exception) -> str:
+    """pyarrow names the CSV column of a conversion error but not the row: find the first bad row by
+    reading that column as text and converting it value by value."""
+    import re
+
+    match = re.search(r"column #(\d+)", str(exc))
+    if not match:
+        return str(exc)
+    index = int(match.group(1))
+    import csv
+
+    header = data.split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    name = next(csv.reader([header], delimiter=parse.delimiter))[index].strip()
+    target = (convert.column_types or {}).get(name)
+    raw = (
+        pacsv.read_csv(
+            io.BytesIO(data),
+            parse_options=parse,
+            convert_options=pacsv.ConvertOptions(column_types={name: pa.string()}, include_columns=[name]),
+        )
+        .column(name)
+        .to_pylist()
+    )
+    for row, value in enumerate(raw):
+        if value is None or value in convert.null_values:
+            continue
+        try:
+            pa.array([value]).cast(target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return f"row {row + 1} (line {row + 2}), column {name!r}: {value!r} is not a valid {target}"
+    return f"column {name!r}: {exc}"
 
 
 def _read_astropy(data: bytes, fmt: str):

@@ -130,3 +130,21 @@ def test_previous_release_files_untouched_by_new_release(lake, definition_file, 
         partitioning=None,
     )
     assert table.num_rows == 3000
+
+
+def test_gc_finishes_a_release_published_just_before_a_crash(lake, definition_file, tmp_path):
+    """Killed after the pointer write but before the marker removal: gc keeps it and removes the marker."""
+    import json
+
+    from dac_lake import layout
+
+    _ingest(lake, definition_file, tmp_path, "dr1", publish=False)
+    marker = f"{layout.release_prefix('testcat', 'dr1')}/{layout.INCOMPLETE_MARKER}"
+    lake.storage.write_text(marker, json.dumps({"host": "elsewhere", "pid": 1, "heartbeat_unix": 0}))
+    assert lake.release_info("testcat", "dr1").state == "incomplete"
+    lake.storage.put_if_absent(
+        layout.pointer_key("testcat", 1), json.dumps({"seq": 1, "release": "dr1", "published_at": "x"}).encode()
+    )
+    assert lake.gc() == []
+    assert not lake.storage.exists(marker)
+    assert lake.release_info("testcat", "dr1").state == "ready"

@@ -125,7 +125,9 @@ def release_list(catalog: Annotated[str | None, typer.Argument()] = None, lake: 
         rows_text = f"{rows:,}" if rows is not None else "-"
         created = info.manifest.get("created_at") or info.marker.get("started_at", "-")
         mark = "*" if info.current else " "
-        typer.echo(f"{mark} {info.catalog:<20} {info.release:<16} {info.state:<11} {rows_text:>14}  {created}")
+        typer.echo(
+            f"{mark} {info.catalog:<20} {info.release:<16} {info.state:<11} {rows_text:>14}  {created}"
+        )
 
 
 @release_app.command("show")

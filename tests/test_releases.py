@@ -143,7 +143,8 @@ def test_gc_finishes_a_release_published_just_before_a_crash(lake, definition_fi
     lake.storage.write_text(marker, json.dumps({"host": "elsewhere", "pid": 1, "heartbeat_unix": 0}))
     assert lake.release_info("testcat", "dr1").state == "incomplete"
     lake.storage.put_if_absent(
-        layout.pointer_key("testcat", 1), json.dumps({"seq": 1, "release": "dr1", "published_at": "x"}).encode()
+        layout.pointer_key("testcat", 1),
+        json.dumps({"seq": 1, "release": "dr1", "published_at": "x"}).encode(),
     )
     assert lake.gc() == []
     assert not lake.storage.exists(marker)

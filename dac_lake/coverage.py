@@ -71,3 +71,43 @@ def partitions_touching(
         if i < len(ranges) and ranges[i, 0] < hi:
             out.append((order, pixel, rows))
     return out
+
+
+def region_moc(region, extra_deg: float = 0.0, max_depth: int | None = None):
+    """A MOC (mocpy) covering an ADQL region grown by `extra_deg`, or None if it cannot be grown
+    (a polygon with a cross-match radius: the caller then reads the whole table)."""
+    from mocpy import MOC
+
+    from dac_lake.adql import Circle, Polygon
+
+    if isinstance(region, Circle):
+        radius = min(180.0, region.radius + extra_deg)
+        depth = max_depth if max_depth is not None else _range_order(radius)
+        return MOC.from_cone(
+            lon=Longitude(region.ra % 360, u.deg),
+            lat=Latitude(region.dec, u.deg),
+            radius=radius * u.deg,
+            max_depth=depth,
+        )
+    if isinstance(region, Polygon) and extra_deg == 0:
+        from astropy.coordinates import SkyCoord
+
+        lons = [v[0] for v in region.vertices]
+        lats = [v[1] for v in region.vertices]
+        size = max(max(lats) - min(lats), 1e-6)
+        depth = max_depth if max_depth is not None else _range_order(size / 2)
+        return MOC.from_polygon_skycoord(SkyCoord(lons, lats, unit="deg"), max_depth=depth)
+    return None
+
+
+def regions_ranges29(regions: list, extra_deg: float = 0.0) -> np.ndarray | None:
+    """`_healpix_29` [lo, hi) ranges covering the intersection of `regions` (each grown by `extra_deg`);
+    None means no spatial constraint: read the whole table."""
+    mocs = [m for m in (region_moc(r, extra_deg) for r in regions) if m is not None]
+    if not mocs:
+        return None
+    moc = mocs[0]
+    for other in mocs[1:]:
+        moc = moc.intersection(other)
+    ranges = np.asarray(moc.to_depth29_ranges, dtype=np.int64).reshape(-1, 2)
+    return ranges

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import pyarrow as pa
 
 from dac_lake import layout
-from dac_lake.coverage import cone_ranges29, partitions_touching
 from dac_lake.duckdb_io import new_connection
+from dac_lake.engine import QueryEngine, QueryResult
 from dac_lake.lake import Lake, LakeError
 from dac_lake.layout import pixel_file
 from dac_lake.storage import LakeStorage
@@ -36,10 +37,16 @@ class QueryStats:
 class Session:
     """A read session on one lake; catalogs resolve through their published release pointers."""
 
-    def __init__(self, lake: Lake):
+    def __init__(self, lake: Lake, groups: frozenset[str] = frozenset({"*"})):
         self.lake = lake
-        self.con = new_connection(lake.storage)
+        self.engine = QueryEngine(lake, groups)
         self.last = QueryStats()
+        self.last_result: QueryResult | None = None
+
+    @cached_property
+    def con(self):
+        """A plain DuckDB connection for trusted `sql()` (admins and notebooks), made on first use."""
+        return new_connection(self.lake.storage)
 
     # ------------------------------------------------------------------ catalogs
     def tables(self) -> list[str]:
@@ -65,6 +72,30 @@ class Session:
         return int(self.manifest(catalog, release)["rows"])
 
     # ------------------------------------------------------------------ queries
+    def adql(self, text: str, maxrec: int | None = None, timeout_s: float | None = None) -> pa.Table:
+        """Run ADQL 2.1 (validated and translated; only generated SQL reaches DuckDB). `self.last_result`
+        keeps the overflow flag, column metadata and what was read (`.explain()`)."""
+        self.last_result = self.engine.adql(text, maxrec=maxrec, timeout_s=timeout_s)
+        self.last = QueryStats(
+            files=self.last_result.files_read,
+            total_files=sum(s.total_files for s in self.last_result.scans),
+            ranges=sum(0 if s.ranges is None else len(s.ranges) for s in self.last_result.scans),
+            detail=self.last_result.explain(),
+        )
+        return self.last_result.table
+
+    def _table(self, name: str):
+        """A registry table from 'catalog', 'catalog.table' or '"catalog@release".table'."""
+        schema, _, table = name.partition(".")
+        schema = schema.strip('"')
+        for lt in self.engine.registry.lake_tables():
+            if lt.meta.schema.lower() == schema.lower() and (
+                not table or lt.meta.name.lower() == table.lower()
+            ):
+                return lt
+        known = ", ".join(t.qualified_name for t in self.engine.registry.lake_tables())
+        raise LakeError(f"no table {name!r}; tables: {known}")
+
     def cone(
         self,
         catalog: str,
@@ -72,33 +103,57 @@ class Session:
         dec: float,
         radius_deg: float,
         columns: list[str] | None = None,
-        release: str | None = None,
+        where: str | None = None,
+        maxrec: int | None = None,
     ) -> pa.Table:
-        """Rows within `radius_deg` of (ra, dec), exactly, with the angular distance in `dist_deg`."""
-        manifest = self.manifest(catalog, release)
-        ra_col, dec_col = manifest["ra_column"], manifest["dec_column"]
-        ranges = cone_ranges29(float(ra), float(dec), float(radius_deg))
-        touched = partitions_touching(manifest["partitions"], ranges)
-        self.last = QueryStats(len(touched), len(manifest["partitions"]), len(ranges))
-        if not touched:
-            return pa.table({})
-        files = self.files(catalog, touched, manifest["release"])
-        cols = "*" if not columns else ", ".join(_quote_ident(c) for c in columns)
-        distance = _distance_sql(ra_col, dec_col)
-        range_sql = " OR ".join(
-            f"(_healpix_29 >= $lo{i} AND _healpix_29 < $hi{i})" for i in range(len(ranges))
+        """Rows within `radius_deg` of (ra, dec), exactly, nearest first, with `dist_deg`. The same code
+        path as ADQL (and so as TAP and SCS): coverage, pruning and distance are implemented once."""
+        lt = self._table(catalog)
+        ra_c, dec_c = _adql_ident(lt.meta.ra_column), _adql_ident(lt.meta.dec_column)
+        cols = ", ".join(_adql_ident(c) for c in columns) if columns else "*"
+        centre = f"POINT('ICRS', {float(ra)!r}, {float(dec)!r})"
+        text = (
+            f"SELECT {cols}, DISTANCE(POINT('ICRS', {ra_c}, {dec_c}), {centre}) AS dist_deg "
+            f"FROM {_adql_table(lt)} "
+            f"WHERE 1 = CONTAINS(POINT('ICRS', {ra_c}, {dec_c}), "
+            f"CIRCLE('ICRS', {float(ra)!r}, {float(dec)!r}, {float(radius_deg)!r}))"
+            + (f" AND ({where})" if where else "")
+            + " ORDER BY dist_deg"
         )
-        sql = (
-            f"SELECT {cols}, {distance} AS dist_deg FROM read_parquet($files) "
-            f"WHERE ({range_sql}) AND {distance} <= $radius ORDER BY dist_deg"
+        return self.adql(text, maxrec=maxrec)
+
+    def crossmatch(
+        self,
+        left: str,
+        right: str,
+        radius_arcsec: float,
+        left_columns: list[str] | None = None,
+        right_columns: list[str] | None = None,
+        maxrec: int | None = None,
+    ) -> pa.Table:
+        """All pairs closer than `radius_arcsec` (a band join on declination plus the exact distance; never
+        a cartesian product), with their separation in arcsec."""
+        a, b = self._table(left), self._table(right)
+        lcols = left_columns or [a.definition["id_column"]]
+        rcols = right_columns or [b.definition["id_column"]]
+        la = ", ".join(f"a.{_adql_ident(c)}" for c in lcols)
+        # a right column named like a left one gets the right catalog's name as suffix: id, id_gaia
+        rb = ", ".join(
+            f"b.{_adql_ident(c)}" + (f" AS {_adql_ident(f'{c}_{b.catalog}')}" if c in lcols else "")
+            for c in rcols
         )
-        params: dict = {"ra0": float(ra), "dec0": float(dec), "radius": float(radius_deg), "files": files}
-        for i, (lo, hi) in enumerate(ranges.tolist()):
-            params[f"lo{i}"], params[f"hi{i}"] = lo, hi
-        return self.con.execute(sql, params).fetch_arrow_table()
+        pa_ = f"POINT('ICRS', a.{_adql_ident(a.meta.ra_column)}, a.{_adql_ident(a.meta.dec_column)})"
+        pb_ = f"POINT('ICRS', b.{_adql_ident(b.meta.ra_column)}, b.{_adql_ident(b.meta.dec_column)})"
+        r = float(radius_arcsec) / 3600.0
+        text = (
+            f"SELECT {la}, {rb}, DISTANCE({pa_}, {pb_}) * 3600.0 AS sep_arcsec "
+            f"FROM {_adql_table(a)} AS a JOIN {_adql_table(b)} AS b ON DISTANCE({pa_}, {pb_}) <= {r!r}"
+        )
+        return self.adql(text, maxrec=maxrec)
 
     def sql(self, text: str) -> pa.Table:
-        """Trusted DuckDB SQL (admins, notebooks) with each published catalog as a view of its name."""
+        """Trusted DuckDB SQL (admins, notebooks; not for untrusted text) with each published catalog as a
+        view of its name over the current release's files."""
         for catalog in self.tables():
             files = self.files(catalog)
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
@@ -108,18 +163,18 @@ class Session:
         return self.con.execute(text).fetch_arrow_table()
 
 
-def _quote_ident(name: str) -> str:
+def _adql_ident(name: str | None) -> str:
+    if not name:
+        raise LakeError("this table has no RA/Dec columns")
     return '"' + name.replace('"', '""') + '"'
 
 
-def _distance_sql(ra_col: str, dec_col: str) -> str:
-    """Great-circle distance in degrees to ($ra0, $dec0), by the haversine formula: accurate from
-    milli-arcseconds to 180 degrees, unlike the arccos of a dot product."""
-    ra, dec = _quote_ident(ra_col), _quote_ident(dec_col)
-    return (
-        f"degrees(2 * asin(sqrt(least(1.0, pow(sin(radians({dec} - $dec0) / 2), 2) + "
-        f"cos(radians({dec})) * cos(radians($dec0)) * pow(sin(radians({ra} - $ra0) / 2), 2)))))"
-    )
+def _adql_table(lt) -> str:
+    return f"{_adql_ident(lt.meta.schema)}.{_adql_ident(lt.meta.name)}"
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _read_manifest(storage: LakeStorage, catalog: str, release: str) -> dict:
@@ -128,8 +183,11 @@ def _read_manifest(storage: LakeStorage, catalog: str, release: str) -> dict:
     )
 
 
-def connect(lake_url: str | None = None) -> Session:
-    """Open a read session on the lake at `lake_url` (default: the configured lake)."""
+def connect(lake_url: str | None = None, identity: frozenset[str] | set[str] | None = None) -> Session:
+    """Open a read session on the lake at `lake_url` (default: the configured lake).
+
+    `identity` is the set of groups the caller belongs to (data rights); None, for notebook and admin
+    use on a lake one can read directly anyway, sees every catalog."""
     lake = Lake(LakeStorage(lake_url))
     lake.check()
-    return Session(lake)
+    return Session(lake, frozenset({"*"}) if identity is None else frozenset(identity))

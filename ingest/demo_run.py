@@ -59,13 +59,23 @@ def run_demo(lake_url: str, rows: int, data_dir: Path) -> None:
         f"{session.last.files} of {session.last.total_files} partition files read"
     )
     typer.echo(result.slice(0, 5).to_pandas().to_string(index=False))
+    matches = session.adql(
+        "SELECT COUNT(*) AS pairs FROM demo_survey.source AS o JOIN demo_xmatch.source AS x "
+        "ON 1 = CONTAINS(POINT(o.ra, o.dec), CIRCLE(x.ra, x.dec, 1.0/3600)) "
+        "WHERE 1 = CONTAINS(POINT(o.ra, o.dec), CIRCLE(266.4, -29.0, 1.0))"
+    )
+    typer.echo(
+        f"cross-match within 1 arcsec, 1 deg around it (ADQL): {matches['pairs'][0].as_py()} pairs, "
+        f"{session.last.files} partition files read"
+    )
     abs_lake = lake.storage.url
     typer.echo(
         f"""
 What next:
-  dac release list --lake {abs_lake}
-  python -c "import dac_lake; s = dac_lake.connect('{abs_lake}'); \\
-print(s.cone('demo_survey', 266.4, -29.0, 0.05).to_pandas())"
-  python -c "import lsdb; print(lsdb.open_catalog('{abs_lake}/catalogs/demo_survey/releases/dr1').head())"
+  .venv/bin/dac release list --lake {abs_lake}
+  .venv/bin/python -c "import dac_lake; s = dac_lake.connect('{abs_lake}'); \\
+print(s.adql('SELECT TOP 10 source_id, ra, dec, r_mag FROM demo_survey.source ORDER BY r_mag').to_pandas())"
+  .venv/bin/python -c "import lsdb; \\
+print(lsdb.open_catalog('{abs_lake}/catalogs/demo_survey/releases/dr1').head())"
 """
     )

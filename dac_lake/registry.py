@@ -1,0 +1,131 @@
+"""The tables a caller can query: published releases of the lake's catalogs, filtered by data rights.
+
+Naming (ADQL `schema.table`): the schema is the catalog, the table is the definition's `table` (default
+`main`), so `demo_survey.source` is the *current* release. A specific release is the schema
+`"<catalog>@<release>"` (a delimited identifier: `SELECT * FROM "demo_survey@dr1".source`), so old releases
+stay queryable after a new one is published, without ever being confused with the current one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+from dac_lake import layout
+from dac_lake.adql import ColumnMeta, TableMeta
+from dac_lake.lake import Lake
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TABLE = "main"
+PUBLIC_GROUP = "public"
+
+
+@dataclass(frozen=True)
+class LakeTable:
+    """A queryable table: its ADQL metadata and where its release lives."""
+
+    meta: TableMeta
+    catalog: str
+    release: str
+    manifest: dict = field(hash=False, compare=False)
+    definition: dict = field(hash=False, compare=False)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.meta.schema}.{self.meta.name}"
+
+    @property
+    def dataset_prefix(self) -> str:
+        return f"{layout.release_prefix(self.catalog, self.release)}/{self.manifest['catalog_path']}/dataset"
+
+    @property
+    def margin_prefix(self) -> str | None:
+        margin = self.manifest.get("margin_path")
+        if not margin:
+            return None
+        return f"{layout.release_prefix(self.catalog, self.release)}/{margin}/dataset"
+
+
+def readable(definition: dict, groups: frozenset[str]) -> bool:
+    """Data rights: a catalog is readable if it is public or shares a group with the caller ('*': all,
+    for trusted notebook and admin sessions)."""
+    if "*" in groups:
+        return True
+    allowed = set(definition.get("groups") or [PUBLIC_GROUP])
+    return PUBLIC_GROUP in allowed or bool(allowed & groups)
+
+
+class LakeRegistry:
+    """Resolves catalogs to tables for one caller (its groups decide what exists for it)."""
+
+    def __init__(self, lake: Lake, groups: frozenset[str] = frozenset(), all_releases: bool = True):
+        self.lake = lake
+        self.groups = groups
+        self.all_releases = all_releases
+        self._tables: list[LakeTable] | None = None
+
+    def refresh(self) -> None:
+        self._tables = None
+
+    def lake_tables(self) -> list[LakeTable]:
+        if self._tables is None:
+            self._tables = self._load()
+        return self._tables
+
+    def tables(self) -> list[TableMeta]:
+        return [t.meta for t in self.lake_tables()]
+
+    def find(self, schema: str, name: str) -> LakeTable | None:
+        for table in self.lake_tables():
+            if table.meta.schema.lower() == schema.lower() and table.meta.name.lower() == name.lower():
+                return table
+        return None
+
+    def _load(self) -> list[LakeTable]:
+        out: list[LakeTable] = []
+        storage = self.lake.storage
+        for catalog in self.lake.catalogs():
+            current = self.lake.current_release(catalog)
+            releases = self.lake.releases(catalog) if self.all_releases else ([current] if current else [])
+            for release in releases:
+                prefix = layout.release_prefix(catalog, release)
+                try:
+                    manifest = json.loads(storage.read_text(f"{prefix}/{layout.RELEASE_MANIFEST}"))
+                    definition = json.loads(storage.read_text(f"{prefix}/{layout.DEFINITION_FILE}"))
+                except FileNotFoundError:
+                    continue  # incomplete release
+                if not readable(definition, self.groups):
+                    continue
+                if storage.exists(f"{prefix}/{layout.INCOMPLETE_MARKER}") and release != current:
+                    continue
+                schemas = [f"{catalog}@{release}"]
+                if release == current:
+                    schemas.insert(0, catalog)
+                for schema in schemas:
+                    out.append(
+                        LakeTable(_table_meta(schema, definition), catalog, release, manifest, definition)
+                    )
+        return out
+
+
+def _table_meta(schema: str, definition: dict) -> TableMeta:
+    columns = tuple(
+        ColumnMeta(
+            name=c["name"],
+            datatype=c["datatype"],
+            unit=c.get("unit") or "",
+            ucd=c.get("ucd") or "",
+            description=c.get("description") or "",
+        )
+        for c in definition["columns"]
+    )
+    name = (definition.get("extra") or {}).get("table") or definition.get("table") or DEFAULT_TABLE
+    return TableMeta(
+        schema=schema,
+        name=name,
+        columns=columns,
+        ra_column=definition.get("ra_column"),
+        dec_column=definition.get("dec_column"),
+    )

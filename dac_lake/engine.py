@@ -137,6 +137,16 @@ class QueryEngine:
             sandbox.lock()
             table = sandbox.execute(translation.sql)
             profile = sandbox.last_profile
+        io = profile.get("io", {})
+        log.info(
+            "query: %d rows in %.3f s; files %s; read %s files, %s bytes in %s requests",
+            table.num_rows,
+            time.perf_counter() - t0,
+            ", ".join(f"{s.table} {len(s.files)}/{s.total_files}" for s in scans),
+            io.get("files_read"),
+            io.get("bytes_read"),
+            io.get("read_requests"),
+        )
         overflow = maxrec is not None and table.num_rows > maxrec
         if overflow:
             table = table.slice(0, maxrec)

@@ -215,6 +215,7 @@ def ingest_release_cmd(
     ] = False,
     publish: Annotated[bool, typer.Option(help="publish the release when it validates")] = True,
     threads: Annotated[int | None, typer.Option(help="worker threads (default: all cores)")] = None,
+    compression_level: Annotated[int, typer.Option(help="zstd level of the Parquet files (hats: 15)")] = 9,
     progress: Annotated[bool, typer.Option(help="progress bars on a terminal")] = True,
 ) -> None:
     """Ingest INPUTS as RELEASE of CATALOG: write HATS (catalog, margin, index), validate, publish."""
@@ -234,6 +235,7 @@ def ingest_release_cmd(
             margin_arcsec=margin_arcsec,
             skip_bad_rows=skip_bad_rows,
             publish=publish,
+            compression_level=compression_level,
         )
         if threads:
             options.threads = threads

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 #: large enough that full scans stay fast
 ROW_GROUP_ROWS = 100_000
 INDEX_FILE_ROWS = 5_000_000
+#: zstd level: hats' default is 15, which writes ~7x slower than 9 for files ~4% smaller (measured on the
+#: demo survey: 250k rows, 2.10 s / 15.9 MB at 15 against 0.31 s / 16.5 MB at 9; reads equally fast)
+DEFAULT_COMPRESSION_LEVEL = 9
 SKYMAP_MAX_ORDER = 8
 
 
@@ -60,6 +63,7 @@ class HatsCollectionWriter:
         id_column: str,
         threads: int = 4,
         progress: Callable[[str, int, int], None] | None = None,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
     ):
         self.storage = storage
         self.root = root.strip("/")
@@ -69,6 +73,7 @@ class HatsCollectionWriter:
         self.id_column = id_column
         self.threads = max(1, threads)
         self.progress = progress or (lambda stage, done, total: None)
+        self.compression_level = compression_level
 
     # ------------------------------------------------------------------ helpers
     def _dir(self, sub: str) -> str:
@@ -89,7 +94,12 @@ class HatsCollectionWriter:
     def _write_kwargs(self, schema: pa.Schema, sort_column: str = healpix.SPATIAL_INDEX_COLUMN) -> dict:
         sorting = pq.SortingColumn.from_ordering(schema, [(sort_column, "ascending")])
         return get_parquet_write_table_kwargs(
-            schema, write_table_kwargs={"sorting_columns": sorting, "row_group_size": ROW_GROUP_ROWS}
+            schema,
+            write_table_kwargs={
+                "sorting_columns": sorting,
+                "row_group_size": ROW_GROUP_ROWS,
+                "compression_level": self.compression_level,
+            },
         )
 
     def _write_dataset_metadata(
@@ -264,6 +274,7 @@ class HatsCollectionWriter:
                 "sorting_columns": sorting,
                 "data_page_size": 16 * 1024,
                 "row_group_size": 100_000,
+                "compression_level": self.compression_level,
             },
         )
         chunks = [

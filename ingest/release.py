@@ -33,7 +33,7 @@ from dac_lake import healpix, layout
 from dac_lake.catalog_def import CatalogDef
 from dac_lake.lake import Lake, LakeError, utcnow
 from ingest.conform import check_unique_ids, conform_table
-from ingest.hats_writer import HatsCollectionWriter
+from ingest.hats_writer import DEFAULT_COMPRESSION_LEVEL, HatsCollectionWriter
 from ingest.readers import InputError, expand_inputs, read_input
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class IngestOptions:
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
     publish: bool = True
     validate_with_lsdb: bool = True
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL
 
 
 @dataclass
@@ -322,6 +323,7 @@ def _write_and_validate(
         definition.id_column,
         threads=options.threads,
         progress=progress,
+        compression_level=options.compression_level,
     )
 
     def stage_progress(stage, done, total):

@@ -50,6 +50,11 @@ class WrittenCatalog:
     partitions: list[tuple[int, int, int]] = field(default_factory=list)  # (order, pixel, rows)
 
 
+def data_bytes(md: pq.FileMetaData) -> int:
+    """Uncompressed column bytes of a written file (the `hats_estsize` measure)."""
+    return sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+
+
 class HatsCollectionWriter:
     """Writes one HATS collection under `storage`'s `root` (a release prefix)."""
 
@@ -119,6 +124,19 @@ class HatsCollectionWriter:
             filesystem=self.storage.pa_fs,
         )
 
+    def _spatial_properties(self, written: WrittenCatalog, pixels: list[tuple[int, int]]) -> dict:
+        """The properties every spatially partitioned catalog (primary or margin) carries."""
+        return {
+            "total_rows": written.rows,
+            "ra_column": self.ra_column,
+            "dec_column": self.dec_column,
+            "healpix_column": healpix.SPATIAL_INDEX_COLUMN,
+            "healpix_order": healpix.SPATIAL_INDEX_ORDER,
+            "npix_suffix": ".parquet",
+            "hats_estsize": int(written.bytes / 1024),
+            "moc_sky_fraction": round(sum(4.0**-o for o, _ in pixels) / 12.0, 6),
+        }
+
     def _properties(self, **kwargs) -> TableProperties:
         now = dt.datetime.now(dt.UTC)
         base = {
@@ -158,7 +176,7 @@ class HatsCollectionWriter:
         for (order, pixel, _), (_, md, nrows) in zip(plan, parts, strict=True):
             written.partitions.append((order, pixel, nrows))
             written.rows += nrows
-            written.bytes += sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+            written.bytes += data_bytes(md)
         if written.rows != table.num_rows:
             raise RuntimeError(f"partitioning lost rows: {written.rows} written of {table.num_rows}")
         self._write_dataset_metadata(cat_dir, table.schema, [(rel, md) for rel, md, _ in parts])
@@ -167,20 +185,12 @@ class HatsCollectionWriter:
         skymap_order = min(mapping_order, SKYMAP_MAX_ORDER)
         skymap_counts = counts.reshape(12 * 4**skymap_order, -1).sum(axis=1)
         hats_skymap.write_skymap(skymap_counts, self.storage.upath(cat_dir))
-        coverage = sum(4.0**-o for o, _, _ in plan) / 12.0
         props = self._properties(
             catalog_name=self.name,
             catalog_type="object",
-            total_rows=written.rows,
-            ra_column=self.ra_column,
-            dec_column=self.dec_column,
-            healpix_column=healpix.SPATIAL_INDEX_COLUMN,
-            healpix_order=healpix.SPATIAL_INDEX_ORDER,
-            npix_suffix=".parquet",
             skymap_order=skymap_order,
             hats_max_rows=max_rows,
-            hats_estsize=int(written.bytes / 1024),
-            moc_sky_fraction=round(coverage, 6),
+            **self._spatial_properties(written, [(o, p) for o, p, _ in plan]),
             **(extra_properties or {}),
         )
         props.to_properties_file(self.storage.upath(cat_dir))
@@ -226,7 +236,7 @@ class HatsCollectionWriter:
             pixels.append(HealpixPixel(order, pixel))
             written.partitions.append((order, pixel, nrows))
             written.rows += nrows
-            written.bytes += sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+            written.bytes += data_bytes(md)
         if not parts:
             # hats needs at least the schema; an empty margin (a catalog of one pixel) keeps an empty file
             order, pixel, _ = plan[0]
@@ -235,20 +245,12 @@ class HatsCollectionWriter:
             pixels.append(HealpixPixel(order, pixel))
         self._write_dataset_metadata(mdir, table.schema, parts)
         PartitionInfo.from_healpix(pixels).write_to_file(catalog_path=self.storage.upath(mdir))
-        coverage = sum(4.0**-p.order for p in pixels) / 12.0
         self._properties(
             catalog_name=name,
             catalog_type="margin",
-            total_rows=written.rows,
-            ra_column=self.ra_column,
-            dec_column=self.dec_column,
-            healpix_column=healpix.SPATIAL_INDEX_COLUMN,
-            healpix_order=healpix.SPATIAL_INDEX_ORDER,
             primary_catalog=self.name,
             margin_threshold=float(margin_arcsec),
-            npix_suffix=".parquet",
-            hats_estsize=int(written.bytes / 1024),
-            moc_sky_fraction=round(coverage, 6),
+            **self._spatial_properties(written, [(p.order, p.pixel) for p in pixels]),
         ).to_properties_file(self.storage.upath(mdir))
         return written
 
@@ -297,9 +299,7 @@ class HatsCollectionWriter:
             extra_columns=[],
         ).to_properties_file(self.storage.upath(idir))
         written = WrittenCatalog(name, rows=table.num_rows)
-        written.bytes = sum(
-            md.row_group(i).total_byte_size for _, md in parts for i in range(md.num_row_groups)
-        )
+        written.bytes = sum(data_bytes(md) for _, md in parts)
         return written
 
     # ------------------------------------------------------------------ collection

@@ -242,21 +242,9 @@ def ingest_release(
 
     try:
         with _Heartbeat(lake, marker_key, marker):
+            prepared = _Prepared(table, plan, counts, file_names, skipped, reasons)
             summary = _write_and_validate(
-                lake,
-                catalog,
-                release,
-                prefix,
-                table,
-                plan,
-                counts,
-                definition,
-                options,
-                progress,
-                file_names,
-                skipped,
-                reasons,
-                t0,
+                lake, catalog, release, prefix, prepared, definition, options, progress
             )
     except BaseException:
         # an orderly failure cleans up after itself; a SIGKILL leaves the prefix to `dac lake gc`
@@ -298,22 +286,30 @@ def _with_spatial_index(table: pa.Table, hp29: np.ndarray, definition: CatalogDe
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+@dataclass
+class _Prepared:
+    """The checked, sorted input of one ingest and what was learnt reading it."""
+
+    table: pa.Table
+    plan: list[tuple[int, int, int]]
+    counts: np.ndarray
+    file_names: list[str]
+    skipped: int
+    reasons: Counter
+
+
 def _write_and_validate(
-    lake,
-    catalog,
-    release,
-    prefix,
-    table,
-    plan,
-    counts,
-    definition,
-    options,
-    progress,
-    file_names,
-    skipped,
-    reasons,
-    t0,
+    lake: Lake,
+    catalog: str,
+    release: str,
+    prefix: str,
+    prepared: _Prepared,
+    definition: CatalogDef,
+    options: IngestOptions,
+    progress: ProgressFn,
 ) -> IngestSummary:
+    table, plan, counts = prepared.table, prepared.plan, prepared.counts
+    file_names, skipped, reasons = prepared.file_names, prepared.skipped, prepared.reasons
     writer = HatsCollectionWriter(
         lake.storage,
         prefix,
@@ -367,7 +363,7 @@ def _write_and_validate(
         margin_rows=margin.rows if margin else 0,
         index_rows=index.rows,
         bytes=main.bytes,
-        seconds=time.perf_counter() - t0,
+        seconds=0.0,  # set by the caller, which knows when the ingest began
         published=False,
         pointer_seq=None,
     )

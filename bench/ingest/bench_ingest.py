@@ -6,16 +6,17 @@ faster than the reference tool while writing the *same* partitioning, so this sc
 run and refuses to report a speed-up for output that differs:
 
 1. the synthetic ``demo_survey`` input (``ingest.demo``) is generated once and cached;
-2. each of ``--runs`` rounds ingests it with dac-lake (``ingest_release``, ``threads=--workers``) and with
-   hats-import (``--workers`` single-threaded dask workers, so both get the same number of cores),
-   alternating which tool goes first because the benchmark machine is small and shared; every ingest
-   writes to a fresh directory;
+2. each of ``--runs`` rounds ingests it with dac-lake (``ingest_release``, ``threads=--workers``, in a fresh
+   Python process per ingest, as the CLI runs) and with hats-import (``--workers`` single-threaded dask
+   workers, so both get the same number of cores), alternating which tool goes first because the
+   benchmark machine is small and shared; every ingest writes to a fresh directory;
 3. after every round, the pixels and per-pixel row counts of both outputs (read from the Parquet footers
    of ``dataset/Norder=*/Dir=*/Npix=*.parquet``) must be identical and sum to the input's row count,
    for the catalog and, with ``--with-margin``, for the 10 arcsec margin cache; any difference aborts;
-4. a table gives median / min wall seconds and rows/s per tool and the dac-lake / hats-import throughput
-   ratio. hats-import is reported twice: pipeline only, and including the dask ``Client`` start-up that
-   a user of it pays on every import.
+4. a table gives median / min wall seconds, rows/s, CPU seconds and peak RSS per tool and the dac-lake /
+   hats-import throughput ratio. Each tool is reported twice: the work alone (``ingest_release`` call;
+   ``pipeline_with_client`` calls) and including its start-up (a Python process with its imports; the
+   dask ``Client`` and its workers), which a user pays on every import.
 
 Like with like: "catalog" is hats-import's catalog pipeline against dac-lake with ``margin_arcsec=0``;
 "catalog+margin" adds hats-import's margin pipeline (same Client) against dac-lake with a 10 arcsec margin.
@@ -39,8 +40,10 @@ import logging
 import os
 import pstats
 import re
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -48,12 +51,11 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,6 +73,8 @@ CATALOG = "demo_survey"
 RELEASE = "r1"
 HIGHEST_ORDER = 10
 MARGIN_ARCSEC = 10.0
+#: hats' (and so hats-import's) zstd level; dac-lake may default to another one
+HATS_COMPRESSION_LEVEL = 15
 PIXEL_FILE = re.compile(r"Norder=(\d+)/Dir=\d+/Npix=(\d+)\.parquet$")
 
 T = TypeVar("T")
@@ -121,6 +125,19 @@ class PeakRss:
         self.peak = max(self.peak, self._sample())
 
 
+def cpu_seconds_tree() -> float:
+    """User + system CPU seconds of this process and its live descendants (dask workers, a dac-lake child):
+    on a shared, overloaded machine CPU time moves far less with the neighbours' load than wall time."""
+    me = psutil.Process()
+    times = me.cpu_times()
+    total = times.user + times.system
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            ct = child.cpu_times()
+            total += ct.user + ct.system
+    return total
+
+
 @dataclass
 class StageClock:
     """Records dac-lake's progress callbacks with timestamps, to split an ingest's wall time into its stages
@@ -160,6 +177,7 @@ class Measurement:
     config: str  # "catalog" or "catalog+margin"
     run: int
     seconds: float
+    cpu: float
     peak_rss: int
     stages: list[tuple[str, float]] = field(default_factory=list)
 
@@ -193,10 +211,12 @@ def prepare_input(data_dir: Path, rows: int, seed: int, n_files: int) -> list[Pa
 
 
 def run_dac_lake(
-    out: Path, inputs: list[Path], threshold: int, threads: int, margin: float
-) -> tuple[float, Path, StageClock]:
+    out: Path, inputs: list[Path], threshold: int, threads: int, margin: float, level: int | None = None
+) -> tuple[float, float, Path, StageClock]:
     """The whole `ingest_release` call (read, check, partition, write catalog/margin/index, strict hats
-    validation, publish) as the CLI runs it, minus lsdb's extra validation (hats' strict one stays)."""
+    validation, publish) as the CLI runs it, minus lsdb's extra validation (hats' strict one stays).
+    `level` is the zstd level (None: dac-lake's default). Returns wall seconds, CPU seconds of this
+    process, the release directory and the stage clock."""
     lake = Lake(LakeStorage(str(out / "lake")))
     lake.init()
     options = IngestOptions(
@@ -206,14 +226,91 @@ def run_dac_lake(
         threads=threads,
         validate_with_lsdb=False,
     )
+    if level is not None:
+        if "compression_level" not in {f.name for f in fields(IngestOptions)}:
+            raise BenchError(
+                "this dac-lake has no IngestOptions.compression_level: pass --compression-level -1"
+            )
+        options.compression_level = level  # type: ignore[attr-defined]
+    definition = load_definition(CATALOG)
     clock = StageClock()
+    cpu0 = time.process_time()
     t = time.perf_counter()
     clock.t0 = t
-    ingest_release(
-        lake, CATALOG, RELEASE, [str(p) for p in inputs], load_definition(CATALOG), options, progress=clock
-    )
+    ingest_release(lake, CATALOG, RELEASE, [str(p) for p in inputs], definition, options, progress=clock)
     seconds = time.perf_counter() - t
-    return seconds, out / "lake" / layout.release_prefix(CATALOG, RELEASE), clock
+    cpu = time.process_time() - cpu0
+    return seconds, cpu, out / "lake" / layout.release_prefix(CATALOG, RELEASE), clock
+
+
+def dac_lake_child(spec_json: str) -> None:
+    """Entry point of the child process (hidden `--dac-child`): one ingest, results as JSON on stdout.
+
+    Every `dac ingest release` starts in a fresh process, with a cold allocator and no imports done; an
+    ingest that re-used the memory arena of a previous one in the same process could be flattered (in a
+    first version of this script, ingests in one process looked order-dependent), so each dac-lake
+    ingest gets its own interpreter here."""
+    spec = json.loads(spec_json)
+    seconds, cpu, _, clock = run_dac_lake(
+        Path(spec["out"]),
+        [Path(p) for p in spec["inputs"]],
+        spec["threshold"],
+        spec["threads"],
+        spec["margin"],
+        spec.get("level"),
+    )
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    doc = {
+        "seconds": seconds,
+        "cpu": cpu,
+        "process_cpu": usage.ru_utime + usage.ru_stime,
+        "stages": clock.segments(seconds),
+    }
+    print(json.dumps(doc), flush=True)
+
+
+@dataclass
+class DacTimes:
+    """dac-lake's wall/CPU seconds: the `ingest_release` call alone, and the whole process (interpreter
+    start, imports, ingest, exit) as a CLI user experiences it."""
+
+    seconds: float
+    cpu: float
+    process_seconds: float
+    process_cpu: float
+    stages: list[tuple[str, float]]
+
+
+def run_dac_lake_process(
+    out: Path, inputs: list[Path], threshold: int, threads: int, margin: float, level: int | None
+) -> DacTimes:
+    """One dac-lake ingest in a fresh Python process (see `dac_lake_child`)."""
+    spec = {
+        "out": str(out),
+        "inputs": [str(p) for p in inputs],
+        "threshold": threshold,
+        "threads": threads,
+        "margin": margin,
+        "level": level,
+    }
+    t = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--dac-child", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    process_seconds = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise BenchError(f"dac-lake ingest failed (exit {proc.returncode}); its stderr is above")
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    return DacTimes(
+        doc["seconds"],
+        doc["cpu"],
+        process_seconds,
+        doc["process_cpu"],
+        [(name, secs) for name, secs in doc["stages"]],
+    )
 
 
 @dataclass
@@ -224,18 +321,29 @@ class HatsTimes:
     catalog: float
     margin: float | None
     client_close: float
+    client_start_cpu: float
+    catalog_cpu: float
+    margin_cpu: float | None
 
 
 def run_hats_import(
-    out: Path, inputs: list[Path], threshold: int, workers: int, with_margin: bool, memory_limit: str
+    out: Path,
+    inputs: list[Path],
+    threshold: int,
+    workers: int,
+    with_margin: bool,
+    memory_limit: str,
+    level: int | None = None,
 ) -> HatsTimes:
     """hats-import's catalog pipeline (and margin pipeline) on one fresh local dask cluster of `workers`
-    single-threaded workers: the same core count as dac-lake's thread pool."""
+    single-threaded workers: the same core count as dac-lake's thread pool. `level` overrides hats' zstd
+    level (None: hats' default)."""
     from dask.distributed import Client
     from hats_import.catalog.arguments import ImportArguments
     from hats_import.margin_cache.margin_cache_arguments import MarginCacheArguments
     from hats_import.pipeline import pipeline_with_client
 
+    write_kwargs = {"compression_level": level} if level is not None else None
     args = ImportArguments(
         output_artifact_name=CATALOG,
         output_path=str(out),
@@ -249,7 +357,9 @@ def run_hats_import(
         resume=False,
         tmp_dir=str(out / "tmp"),
         dask_tmp=str(out / "dask_tmp"),
+        write_table_kwargs=write_kwargs,
     )
+    cpu0 = cpu_seconds_tree()
     t = time.perf_counter()
     client = Client(
         n_workers=workers,
@@ -258,11 +368,13 @@ def run_hats_import(
         local_directory=str(out / "dask_tmp"),
     )
     client_start = time.perf_counter() - t
+    cpu1 = cpu_seconds_tree()  # workers are alive until close: their CPU is read before it
     try:
         t = time.perf_counter()
         pipeline_with_client(args, client)
         catalog = time.perf_counter() - t
-        margin = None
+        cpu2 = cpu_seconds_tree()
+        margin = margin_cpu = None
         if with_margin:
             margin_args = MarginCacheArguments(
                 input_catalog_path=str(out / CATALOG),
@@ -273,15 +385,17 @@ def run_hats_import(
                 resume=False,
                 tmp_dir=str(out / "tmp"),
                 dask_tmp=str(out / "dask_tmp"),
+                write_table_kwargs=write_kwargs,
             )
             t = time.perf_counter()
             pipeline_with_client(margin_args, client)
             margin = time.perf_counter() - t
+            margin_cpu = cpu_seconds_tree() - cpu2
     finally:
         t = time.perf_counter()
         client.close()  # also shuts down the LocalCluster the Client started
         client_close = time.perf_counter() - t
-    return HatsTimes(client_start, catalog, margin, client_close)
+    return HatsTimes(client_start, catalog, margin, client_close, cpu1 - cpu0, cpu2 - cpu1, margin_cpu)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -313,6 +427,12 @@ def pixel_counts(catalog_dir: Path) -> PixelCounts:
     if not counts:
         raise BenchError(f"{catalog_dir}: no partition files")
     return counts
+
+
+def dataset_mb(catalog_dir: Path) -> float:
+    """Size of a catalog's partition files: shows at a glance whether both tools compressed alike."""
+    files = (catalog_dir / "dataset").glob("Norder=*/Dir=*/Npix=*.parquet")
+    return sum(p.stat().st_size for p in files) / 1e6
 
 
 def compare(what: str, dac: PixelCounts, hats: PixelCounts, expected_rows: int | None) -> str:
@@ -405,43 +525,57 @@ def fmt_rate(rows: int, seconds: float) -> str:
     return f"{rows / seconds:>12,.0f}" if seconds > 0 else f"{'-':>12}"
 
 
+LABELS = {
+    "dac": "dac-lake ingest_release call",
+    "dac+proc": "dac-lake incl. process start/imports",
+    "hats": "hats-import pipeline only",
+    "hats+client": "hats-import incl. Client start",
+}
+
+
 def summarize(results: list[Measurement], rows: int, with_margin: bool, workers: int) -> None:
     """The result table, then the throughput ratios (from median times, so one noisy run cannot skew
     them)."""
-    labels = {
-        "dac": f"dac-lake ingest_release (threads={workers})",
-        "hats": f"hats-import pipeline ({workers} workers x 1 thread)",
-        "hats+client": "hats-import incl. Client start",
-    }
     configs = ["catalog", "catalog+margin"] if with_margin else ["catalog"]
-    medians: dict[tuple[str, str], float] = {}
-    print(f"\n=== results: {rows:,} input rows, threshold as given, same {workers} cores for both ===")
+    med_s: dict[tuple[str, str], float] = {}
+    med_cpu: dict[tuple[str, str], float] = {}
+    print(
+        f"\n=== results: {rows:,} input rows; {workers} cores per tool (dac-lake threads={workers}; "
+        f"hats-import {workers} dask workers x 1 thread) ==="
+    )
     head = (
-        f"{'config':<15} {'tool':<46} {'runs':>4} {'median s':>9} {'min s':>8} {'rows/s':>12} {'peak RSS':>9}"
+        f"{'config':<15} {'tool':<37} {'runs':>4} {'median s':>9} {'min s':>8} {'rows/s':>12} "
+        f"{'CPU s':>7} {'peak RSS':>9}"
     )
     print(head)
     print("-" * len(head))
     for config in configs:
-        for key, label in labels.items():
+        for key, label in LABELS.items():
             ms = [m for m in results if m.config == config and m.label == key]
             if not ms:
                 continue
             secs = [m.seconds for m in ms]
-            med = statistics.median(secs)
-            medians[(config, key)] = med
+            med_s[(config, key)] = statistics.median(secs)
+            med_cpu[(config, key)] = statistics.median(m.cpu for m in ms)
             peak = max(m.peak_rss for m in ms) / 2**30
             print(
-                f"{config:<15} {label:<46} {len(ms):>4} {med:>9.1f} {min(secs):>8.1f} "
-                f"{fmt_rate(rows, med)} {peak:>7.1f}GB"
+                f"{config:<15} {label:<37} {len(ms):>4} {med_s[(config, key)]:>9.1f} {min(secs):>8.1f} "
+                f"{fmt_rate(rows, med_s[(config, key)])} {med_cpu[(config, key)]:>7.1f} {peak:>7.1f}GB"
             )
     print("\nratio dac-lake rows/s / hats-import rows/s (median runs; > 1 means dac-lake is faster):")
     for config in configs:
-        dac = medians[(config, "dac")]
+        wall = med_s[(config, "hats")] / med_s[(config, "dac")]
+        wall_all = med_s[(config, "hats+client")] / med_s[(config, "dac+proc")]
+        cpu = med_cpu[(config, "hats")] / med_cpu[(config, "dac")]
+        cpu_all = med_cpu[(config, "hats+client")] / med_cpu[(config, "dac+proc")]
         print(
-            f"  {config:<15} {medians[(config, 'hats')] / dac:6.2f}x vs pipeline only   "
-            f"{medians[(config, 'hats+client')] / dac:6.2f}x incl. Client start"
+            f"  {config:<15} wall: {wall:5.2f}x call vs pipeline, {wall_all:5.2f}x incl. start-up   "
+            f"CPU: {cpu:5.2f}x, {cpu_all:5.2f}x"
         )
-    print("(rows/s counts catalog rows for both configs; peak RSS sums this process and its dask workers)")
+    print(
+        "(rows/s = input rows / median wall s; CPU s = user+system of the process tree, the less\n"
+        " load-sensitive figure on a shared machine; peak RSS sums this process and its children)"
+    )
 
 
 def print_stage_medians(results: list[Measurement]) -> None:
@@ -451,9 +585,12 @@ def print_stage_medians(results: list[Measurement]) -> None:
         if not ms:
             continue
         print(f"\ndac-lake stages, {config} (median wall s over {len(ms)} run(s)):")
-        names = [name for name, _ in ms[0].stages]
-        for i, name in enumerate(names):
-            vals = [m.stages[i][1] for m in ms if len(m.stages) > i and m.stages[i][0] == name]
+        by_name: dict[str, list[float]] = {}  # insertion order = stage order
+        for m in ms:
+            for name, secs in m.stages:
+                by_name.setdefault(name, []).append(secs)
+        for name, vals in by_name.items():
+            vals += [0.0] * (len(ms) - len(vals))  # a gap too short to record in some runs
             print(f"  {name:<34} {statistics.median(vals):7.2f}")
 
 
@@ -465,16 +602,26 @@ class Bench:
         self.inputs = inputs
         self.work = work
         self.results: list[Measurement] = []
+        #: one zstd level for both tools (like with like), or None: each tool's own default
+        self.level: int | None = None if args.compression_level < 0 else args.compression_level
 
     def dac_round(self, run: int, config: str, margin: float) -> tuple[PixelCounts, PixelCounts | None]:
-        """One timed dac-lake ingest; returns (catalog, margin) pixel counts of what it wrote."""
+        """One timed dac-lake ingest (own process); returns (catalog, margin) pixel counts of its output."""
         a = self.args
-        pa.default_memory_pool().release_unused()  # do not carry the previous ingest's arrow memory over
+        load = os.getloadavg()[0]
         with scratch(self.work / f"run{run}" / f"dac_{config}", a.keep) as out:
             with PeakRss() as rss:
-                seconds, release_dir, clock = run_dac_lake(out, self.inputs, a.threshold, a.workers, margin)
-            self.results.append(Measurement("dac", config, run, seconds, rss.peak, clock.segments(seconds)))
-            print(f"  run {run} dac-lake {config:<15} {seconds:7.1f} s", flush=True)
+                t = run_dac_lake_process(out, self.inputs, a.threshold, a.workers, margin, self.level)
+            add = self.results.append
+            add(Measurement("dac", config, run, t.seconds, t.cpu, rss.peak, t.stages))
+            add(Measurement("dac+proc", config, run, t.process_seconds, t.process_cpu, rss.peak))
+            release_dir = out / "lake" / layout.release_prefix(CATALOG, RELEASE)
+            print(
+                f"  run {run} dac-lake {config:<15} {t.seconds:7.1f} s ({t.process_seconds:.1f} s with "
+                f"process start), CPU {t.cpu:.1f} s; catalog {dataset_mb(release_dir / CATALOG):.0f} MB; "
+                f"load avg {load:.1f}",
+                flush=True,
+            )
             cat = pixel_counts(release_dir / CATALOG)
             marg = pixel_counts(release_dir / layout.margin_name(CATALOG, margin)) if margin else None
             return cat, marg
@@ -482,23 +629,46 @@ class Bench:
     def hats_round(self, run: int) -> tuple[PixelCounts, PixelCounts | None]:
         """One timed hats-import session (Client, catalog pipeline, margin pipeline); returns pixel counts."""
         a = self.args
-        pa.default_memory_pool().release_unused()
+        load = os.getloadavg()[0]
         with scratch(self.work / f"run{run}" / "hats", a.keep) as out:
             with PeakRss() as rss:
-                times = run_hats_import(
-                    out, self.inputs, a.threshold, a.workers, a.with_margin, a.memory_limit
+                t = run_hats_import(
+                    out, self.inputs, a.threshold, a.workers, a.with_margin, a.memory_limit, self.level
                 )
             add = self.results.append
-            add(Measurement("hats", "catalog", run, times.catalog, rss.peak))
-            add(Measurement("hats+client", "catalog", run, times.client_start + times.catalog, rss.peak))
-            line = f"  run {run} hats-import: Client start {times.client_start:.1f} s"
-            line += f", catalog {times.catalog:.1f} s"
-            if times.margin is not None:
-                both = times.catalog + times.margin
-                add(Measurement("hats", "catalog+margin", run, both, rss.peak))
-                add(Measurement("hats+client", "catalog+margin", run, times.client_start + both, rss.peak))
-                line += f", margin {times.margin:.1f} s"
-            print(f"{line} (Client close {times.client_close:.1f} s, not counted)", flush=True)
+            add(Measurement("hats", "catalog", run, t.catalog, t.catalog_cpu, rss.peak))
+            add(
+                Measurement(
+                    "hats+client",
+                    "catalog",
+                    run,
+                    t.client_start + t.catalog,
+                    t.client_start_cpu + t.catalog_cpu,
+                    rss.peak,
+                )
+            )
+            line = f"  run {run} hats-import: Client start {t.client_start:.1f} s, catalog {t.catalog:.1f} s"
+            cpu_line = f"CPU {t.client_start_cpu:.1f} + {t.catalog_cpu:.1f}"
+            if t.margin is not None and t.margin_cpu is not None:
+                both, both_cpu = t.catalog + t.margin, t.catalog_cpu + t.margin_cpu
+                add(Measurement("hats", "catalog+margin", run, both, both_cpu, rss.peak))
+                add(
+                    Measurement(
+                        "hats+client",
+                        "catalog+margin",
+                        run,
+                        t.client_start + both,
+                        t.client_start_cpu + both_cpu,
+                        rss.peak,
+                    )
+                )
+                line += f", margin {t.margin:.1f} s"
+                cpu_line += f" + {t.margin_cpu:.1f}"
+            print(
+                f"{line}; {cpu_line} s (Client close {t.client_close:.1f} s, not counted); "
+                f"catalog {dataset_mb(out / CATALOG):.0f} MB; load avg {load:.1f}",
+                flush=True,
+            )
             margin_dir = out / layout.margin_name(CATALOG, MARGIN_ARCSEC)
             return pixel_counts(out / CATALOG), pixel_counts(margin_dir) if a.with_margin else None
 
@@ -519,11 +689,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=8, help="input Parquet files (default 8)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--memory-limit", default="8GB", help="per dask worker (default 8GB)")
+    parser.add_argument(
+        "--compression-level",
+        type=int,
+        default=HATS_COMPRESSION_LEVEL,
+        help=f"zstd level for BOTH tools (default: hats' {HATS_COMPRESSION_LEVEL}); -1: each tool's default",
+    )
     parser.add_argument("--keep", action="store_true", help="keep every output directory")
     parser.add_argument(
         "--profile", action="store_true", help="afterwards, one extra dac-lake ingest under cProfile"
     )
+    parser.add_argument("--dac-child", metavar="JSON", help=argparse.SUPPRESS)  # see dac_lake_child
     args = parser.parse_args(argv)
+    if args.dac_child:
+        dac_lake_child(args.dac_child)
+        return 0
 
     logging.basicConfig(level=logging.WARNING)
     # dask's INFO chatter (scheduler, nannies) would bury the results; workers inherit the environment
@@ -538,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"input: {args.rows:,} rows, {len(inputs)} files, {in_bytes / 1e6:,.0f} MB; threshold "
         f"{args.threshold:,}; highest order {HIGHEST_ORDER}; cores per tool {args.workers} "
-        f"(os.cpu_count()={os.cpu_count()}, load avg {os.getloadavg()[0]:.2f})"
+        f"(os.cpu_count()={os.cpu_count()}, load avg {os.getloadavg()[0]:.2f}); zstd level "
+        + (f"{args.compression_level} for both" if args.compression_level >= 0 else "each tool's default")
     )
     configs = [("catalog", 0.0)] + ([("catalog+margin", MARGIN_ARCSEC)] if args.with_margin else [])
     bench = Bench(args, inputs, work)
@@ -568,10 +749,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.profile:
         config, margin = configs[-1]
-        print(f"\nprofiling one dac-lake ingest ({config}, threads={args.workers}) ...", flush=True)
+        print(
+            f"\nprofiling one dac-lake ingest ({config}, threads={args.workers}, in this process) ...",
+            flush=True,
+        )
         with scratch(work / "profile", args.keep) as out:
-            (seconds, _, clock), merged, main_stats = profile_all_threads(
-                lambda: run_dac_lake(out, inputs, args.threshold, args.workers, margin)
+            (seconds, _, _, clock), merged, main_stats = profile_all_threads(
+                lambda: run_dac_lake(out, inputs, args.threshold, args.workers, margin, bench.level)
             )
         print(f"profiled ingest: {seconds:.1f} s wall (profiling overhead included); stages:")
         for name, secs in clock.segments(seconds):

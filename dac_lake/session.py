@@ -18,6 +18,7 @@ from dac_lake import layout
 from dac_lake.duckdb_io import new_connection
 from dac_lake.engine import QueryEngine, QueryResult
 from dac_lake.lake import Lake, LakeError
+from dac_lake.sandbox import SandboxLimits
 from dac_lake.layout import pixel_file
 from dac_lake.storage import LakeStorage
 
@@ -39,7 +40,8 @@ class Session:
 
     def __init__(self, lake: Lake, groups: frozenset[str] = frozenset({"*"})):
         self.lake = lake
-        self.engine = QueryEngine(lake, groups)
+        # notebook and admin sessions run long all-sky jobs; the TAP service sets its own, shorter limits
+        self.engine = QueryEngine(lake, groups, SandboxLimits(timeout_s=3600.0))
         self.last = QueryStats()
         self.last_result: QueryResult | None = None
 

@@ -18,8 +18,8 @@ from dac_lake import layout
 from dac_lake.duckdb_io import new_connection
 from dac_lake.engine import QueryEngine, QueryResult
 from dac_lake.lake import Lake, LakeError
-from dac_lake.sandbox import SandboxLimits
 from dac_lake.layout import pixel_file
+from dac_lake.sandbox import SandboxLimits
 from dac_lake.storage import LakeStorage
 
 log = logging.getLogger(__name__)

@@ -31,11 +31,14 @@ log = logging.getLogger("dac")
 
 
 def _setup_logging(verbose: bool = False) -> None:
+    # our own loggers at INFO; libraries (hats logs its validation steps on the root logger) at WARNING
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for ours in ("dac", "dac_lake", "ingest", "api"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

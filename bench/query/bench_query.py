@@ -38,7 +38,7 @@ interleaved, are the figures to quote; absolute times move with the neighbours' 
 
 Run (from the repository root)::
 
-    /work/venv/bin/python bench/query/bench_query.py --rows 10000000 --centres 200
+    .venv/bin/python bench/query/bench_query.py --rows 10000000 --centres 200
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 from dac_lake import layout
@@ -60,18 +61,29 @@ def readable(definition: dict, groups: frozenset[str]) -> bool:
 class LakeRegistry:
     """Resolves catalogs to tables for one caller (its groups decide what exists for it)."""
 
-    def __init__(self, lake: Lake, groups: frozenset[str] = frozenset(), all_releases: bool = True):
+    def __init__(
+        self,
+        lake: Lake,
+        groups: frozenset[str] = frozenset(),
+        all_releases: bool = True,
+        ttl_seconds: float = 5.0,
+    ):
         self.lake = lake
         self.groups = groups
         self.all_releases = all_releases
+        # a long-lived session or service must see a newly published (or rolled back) release, but listing
+        # the pointers of every catalog on each query would cost S3 round trips: re-read after a few seconds
+        self.ttl_seconds = ttl_seconds
         self._tables: list[LakeTable] | None = None
+        self._loaded_at = 0.0
 
     def refresh(self) -> None:
         self._tables = None
 
     def lake_tables(self) -> list[LakeTable]:
-        if self._tables is None:
+        if self._tables is None or time.monotonic() - self._loaded_at > self.ttl_seconds:
             self._tables = self._load()
+            self._loaded_at = time.monotonic()
         return self._tables
 
     def tables(self) -> list[TableMeta]:

@@ -139,3 +139,22 @@ def test_hostile_adql_never_reaches_duckdb(two_catalogs, tmp_path):
         with pytest.raises(AdqlError):
             session.adql(text)
     assert session.adql("SELECT COUNT(*) AS n FROM testcat.main")["n"][0].as_py() == N
+
+
+def test_long_lived_session_sees_new_release(two_catalogs, definition_file, tmp_path):
+    lake, _, _ = two_catalogs
+    session = dac_lake.connect(lake.storage.url)
+    session.engine.registry.ttl_seconds = 0.0
+    assert session.adql("SELECT COUNT(*) AS n FROM testcat.main")["n"][0].as_py() == N
+    opts = IngestOptions(max_rows_per_partition=1500, highest_order=7, validate_with_lsdb=False)
+    ingest_release(
+        lake,
+        "testcat",
+        "dr9",
+        write_parts(make_catalog(700, seed=4), tmp_path / "d"),
+        load_definition(definition_file),
+        opts,
+    )
+    assert session.adql("SELECT COUNT(*) AS n FROM testcat.main")["n"][0].as_py() == 700
+    lake.publish("testcat", "dr1")  # roll back
+    assert session.adql("SELECT COUNT(*) AS n FROM testcat.main")["n"][0].as_py() == N

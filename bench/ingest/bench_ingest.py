@@ -22,7 +22,10 @@ Like with like: "catalog" is hats-import's catalog pipeline against dac-lake wit
 "catalog+margin" adds hats-import's margin pipeline (same Client) against dac-lake with a 10 arcsec margin.
 dac-lake always also writes an index catalog on the id column and runs hats' strict validation and a
 publish; hats-import does neither here (its index pipeline refuses this dask version), so every dac-lake
-figure includes extra work and the ratio is conservative.
+figure includes extra work and the ratio is conservative. Both tools write with hats' Parquet settings at
+one zstd level (``--compression-level``, default hats' 15): that encoding is the largest single cost of
+both, and dac-lake's own default level (9) differs from hats-import's, which would measure the level
+rather than the partitioner.
 
 Run (from the repository root)::
 
@@ -585,8 +588,8 @@ def print_stage_medians(results: list[Measurement]) -> None:
         if not ms:
             continue
         print(f"\ndac-lake stages, {config} (median wall s over {len(ms)} run(s)):")
-        by_name: dict[str, list[float]] = {}  # insertion order = stage order
-        for m in ms:
+        by_name: dict[str, list[float]] = {}  # insertion order = stage order, from the fullest run first
+        for m in sorted(ms, key=lambda m: -len(m.stages)):
             for name, secs in m.stages:
                 by_name.setdefault(name, []).append(secs)
         for name, vals in by_name.items():

@@ -1,8 +1,8 @@
 """The Python entry point for notebook users and admins: `dac_lake.connect(lake_url)`.
 
-This first cut answers cone searches (with HEALPix pruning: only the partition files a cone touches are
-read, and `_healpix_29` ranges let DuckDB skip row groups inside them), row counts from the release
-manifest (no scan), and trusted SQL over the published catalogs. ADQL comes with the query engine.
+ADQL, cone searches and cross-matches all go through the query engine (translation, HEALPix pruning, the
+locked sandbox), so a notebook sees exactly what TAP users see; row counts come from the release manifest
+(no scan). `sql()` runs trusted DuckDB SQL and exists only for sessions that see every catalog.
 """
 
 from __future__ import annotations
@@ -51,12 +51,18 @@ class Session:
         return new_connection(self.lake.storage)
 
     # ------------------------------------------------------------------ catalogs
+    @property
+    def trusted(self) -> bool:
+        return "*" in self.engine.registry.groups
+
     def tables(self) -> list[str]:
-        """Published catalogs."""
-        return [c for c in self.lake.catalogs() if self.lake.current_release(c)]
+        """Published catalogs this session may read."""
+        return sorted({t.catalog for t in self.engine.registry.lake_tables() if t.meta.schema == t.catalog})
 
     def manifest(self, catalog: str, release: str | None = None) -> dict:
         release = release or self.lake.current_release(catalog)
+        if catalog not in self.tables():
+            release = None  # not published, or not readable by this session: the same answer
         if release is None:
             raise LakeError(
                 f"no published catalog {catalog!r}; published: {', '.join(self.tables()) or 'none'}"
@@ -156,6 +162,8 @@ class Session:
     def sql(self, text: str) -> pa.Table:
         """Trusted DuckDB SQL (admins, notebooks; not for untrusted text) with each published catalog as a
         view of its name over the current release's files."""
+        if not self.trusted:
+            raise LakeError("sql() is for sessions that may read every catalog; use adql()")
         for catalog in self.tables():
             files = self.files(catalog)
             listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)

@@ -158,3 +158,16 @@ def test_long_lived_session_sees_new_release(two_catalogs, definition_file, tmp_
     assert session.adql("SELECT COUNT(*) AS n FROM testcat.main")["n"][0].as_py() == 700
     lake.publish("testcat", "dr1")  # roll back
     assert session.adql("SELECT COUNT(*) AS n FROM testcat.main")["n"][0].as_py() == N
+
+
+def test_restricted_session_lists_and_counts_only_its_catalogs(two_catalogs):
+    from dac_lake.lake import LakeError
+
+    lake, _, _ = two_catalogs
+    anonymous = dac_lake.connect(lake.storage.url, identity=set())
+    assert anonymous.tables() == ["testcat"]
+    with pytest.raises(LakeError, match="no published catalog 'othercat'"):
+        anonymous.count("othercat")
+    with pytest.raises(LakeError, match="use adql"):
+        anonymous.sql("SELECT 1")
+    assert dac_lake.connect(lake.storage.url).tables() == ["othercat", "testcat"]

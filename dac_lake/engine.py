@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 
-from dac_lake.adql import CrossMatch, OutputColumn, TableRef, translate
+from dac_lake.adql import CrossMatch, OutputColumn, TableRef, Translation, translate
 from dac_lake.coverage import partitions_touching, regions_ranges29
 from dac_lake.lake import Lake
 from dac_lake.layout import pixel_file
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 #: above this many ranges, row-group pruning predicates cost more than they save
 MAX_RANGE_PREDICATES = 512
+TRANSLATION_CACHE_SIZE = 256
 
 
 @dataclass
@@ -103,10 +105,27 @@ class QueryEngine:
         self.lake = lake
         self.registry = LakeRegistry(lake, groups)
         self.limits = limits or SandboxLimits()
+        self._translations: OrderedDict[tuple, Translation] = OrderedDict()
+
+    def _translate(self, text: str, maxrec: int | None) -> Translation:
+        """Translate, remembering recent translations: TAP clients and SCS repeat the same queries, and
+        translation (sqlglot, with a re-parse of the output as a safety check) is ~15 ms. The key includes
+        the tables visible now, so a new release or changed data rights never reuse a stale plan."""
+        visible = tuple((t.meta.schema, t.meta.name, t.release) for t in self.registry.lake_tables())
+        key = (text, maxrec, visible)
+        cached = self._translations.get(key)
+        if cached is not None:
+            self._translations.move_to_end(key)
+            return cached
+        translation = translate(text, self.registry, maxrec=maxrec)
+        self._translations[key] = translation
+        if len(self._translations) > TRANSLATION_CACHE_SIZE:
+            self._translations.popitem(last=False)
+        return translation
 
     def adql(self, text: str, maxrec: int | None = None, timeout_s: float | None = None) -> QueryResult:
         t0 = time.perf_counter()
-        translation = translate(text, self.registry, maxrec=maxrec)
+        translation = self._translate(text, maxrec)
         scans: list[ScanPlan] = []
         limits = self.limits
         if timeout_s is not None or maxrec is not None:

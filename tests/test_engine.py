@@ -171,3 +171,24 @@ def test_restricted_session_lists_and_counts_only_its_catalogs(two_catalogs):
     with pytest.raises(LakeError, match="use adql"):
         anonymous.sql("SELECT 1")
     assert dac_lake.connect(lake.storage.url).tables() == ["othercat", "testcat"]
+
+
+def test_translation_cache_is_keyed_on_visible_tables(two_catalogs, definition_file, tmp_path):
+    lake, _, _ = two_catalogs
+    session = dac_lake.connect(lake.storage.url)
+    session.engine.registry.ttl_seconds = 0.0
+    text = "SELECT COUNT(*) AS n FROM testcat.main"
+    first = session.engine._translate(text, None)
+    assert session.engine._translate(text, None) is first
+    assert session.engine._translate(text, 5) is not first  # MAXREC changes the SQL (LIMIT)
+    opts = IngestOptions(max_rows_per_partition=1500, highest_order=7, validate_with_lsdb=False)
+    ingest_release(
+        lake,
+        "testcat",
+        "dr5",
+        write_parts(make_catalog(300, seed=6), tmp_path / "e"),
+        load_definition(definition_file),
+        opts,
+    )
+    assert session.engine._translate(text, None) is not first  # a new release: a new plan
+    assert session.adql(text)["n"][0].as_py() == 300

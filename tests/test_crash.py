@@ -30,6 +30,28 @@ def _full_read(lake, release: str) -> int:
     return table.num_rows
 
 
+def _paused_ingest(stage, inputs, lake, definition_file, tmp_path, *extra: str) -> subprocess.Popen:
+    """Run the real `dac ingest release testcat v2` in a child process and return once it is parked at
+    `stage` (the DAC_INGEST_PAUSE_AT test hook), ready to be killed or inspected."""
+    pause_file = tmp_path / "paused"
+    env = dict(os.environ, DAC_INGEST_PAUSE_AT=stage, DAC_INGEST_PAUSE_FILE=str(pause_file))
+    cmd = [
+        sys.executable, "-m", "dac_lake.cli", "ingest", "release", "testcat", "v2", *inputs,
+        "--lake", lake.storage.url, "--definition", str(definition_file),
+        "--max-rows-per-partition", "300", "--highest-order", "7", "--no-progress", *extra,
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not pause_file.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"ingest ended before reaching {stage}: {proc.stdout.read().decode()[-2000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("ingest never reached the pause point")
+        time.sleep(0.05)
+    return proc
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_sigkill_leaves_previous_release(stage, lake, definition_file, tmp_path):
     first = write_parts(make_catalog(3000, seed=1), tmp_path / "v1", parts=2)
@@ -44,38 +66,9 @@ def test_sigkill_leaves_previous_release(stage, lake, definition_file, tmp_path)
         ),
     )
     second = write_parts(make_catalog(6000, seed=2), tmp_path / "v2", parts=3)
-    pause_file = tmp_path / "paused"
-    env = dict(os.environ, DAC_INGEST_PAUSE_AT=stage, DAC_INGEST_PAUSE_FILE=str(pause_file))
-    cmd = [
-        sys.executable,
-        "-m",
-        "dac_lake.cli",
-        "ingest",
-        "release",
-        "testcat",
-        "v2",
-        *second,
-        "--lake",
-        lake.storage.url,
-        "--definition",
-        str(definition_file),
-        "--max-rows-per-partition",
-        "300",
-        "--highest-order",
-        "7",
-        "--margin-arcsec",
-        "30",
-        "--threads",
-        "2",
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while not pause_file.exists():
-        if proc.poll() is not None:
-            pytest.fail(f"ingest ended before reaching {stage}: {proc.stdout.read().decode()[-2000:]}")
-        assert time.time() < deadline, "ingest never reached the pause point"
-        time.sleep(0.05)
+    proc = _paused_ingest(
+        stage, second, lake, definition_file, tmp_path, "--margin-arcsec", "30", "--threads", "2"
+    )
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
@@ -114,33 +107,8 @@ def test_sigkill_leaves_previous_release(stage, lake, definition_file, tmp_path)
 def test_gc_leaves_a_running_ingest_alone(lake, definition_file, tmp_path):
     """An incomplete prefix whose writer is alive (same host, live pid) is not garbage."""
     second = write_parts(make_catalog(2000, seed=2), tmp_path / "v2", parts=1)
-    pause_file = tmp_path / "paused"
-    env = dict(os.environ, DAC_INGEST_PAUSE_AT="partitions", DAC_INGEST_PAUSE_FILE=str(pause_file))
-    cmd = [
-        sys.executable,
-        "-m",
-        "dac_lake.cli",
-        "ingest",
-        "release",
-        "testcat",
-        "v2",
-        *second,
-        "--lake",
-        lake.storage.url,
-        "--definition",
-        str(definition_file),
-        "--max-rows-per-partition",
-        "300",
-        "--highest-order",
-        "7",
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _paused_ingest("partitions", second, lake, definition_file, tmp_path)
     try:
-        deadline = time.time() + 120
-        while not pause_file.exists():
-            assert proc.poll() is None and time.time() < deadline
-            time.sleep(0.05)
         assert lake.gc() == []
         assert lake.release_info("testcat", "v2").state == "incomplete"
     finally:

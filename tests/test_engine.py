@@ -42,6 +42,13 @@ def two_catalogs(lake, definition_file, tmp_path):
     return lake, main, other
 
 
+def _publish_testcat(lake, definition_file, folder, release: str, rows: int, seed: int) -> None:
+    """Ingest and publish another small release of testcat."""
+    opts = IngestOptions(max_rows_per_partition=1500, highest_order=7, validate_with_lsdb=False)
+    parts = write_parts(make_catalog(rows, seed=seed), folder)
+    ingest_release(lake, "testcat", release, parts, load_definition(definition_file), opts)
+
+
 def _brute_cone(table, ra, dec, radius):
     sep = SkyCoord(table["ra"].to_numpy(), table["dec"].to_numpy(), unit="deg").separation(
         SkyCoord(ra, dec, unit="deg")
@@ -109,15 +116,7 @@ def test_data_rights_hide_private_catalog(two_catalogs):
 
 def test_specific_release_is_addressable(two_catalogs, definition_file, tmp_path):
     lake, _, _ = two_catalogs
-    opts = IngestOptions(max_rows_per_partition=1500, highest_order=7, validate_with_lsdb=False)
-    ingest_release(
-        lake,
-        "testcat",
-        "dr2",
-        write_parts(make_catalog(500, seed=9), tmp_path / "c"),
-        load_definition(definition_file),
-        opts,
-    )
+    _publish_testcat(lake, definition_file, tmp_path / "c", "dr2", rows=500, seed=9)
     session = dac_lake.connect(lake.storage.url)
     assert session.adql("SELECT COUNT(*) AS n FROM testcat.main")["n"][0].as_py() == 500
     assert session.adql('SELECT COUNT(*) AS n FROM "testcat@dr1".main')["n"][0].as_py() == N
@@ -146,15 +145,7 @@ def test_long_lived_session_sees_new_release(two_catalogs, definition_file, tmp_
     session = dac_lake.connect(lake.storage.url)
     session.engine.registry.ttl_seconds = 0.0
     assert session.adql("SELECT COUNT(*) AS n FROM testcat.main")["n"][0].as_py() == N
-    opts = IngestOptions(max_rows_per_partition=1500, highest_order=7, validate_with_lsdb=False)
-    ingest_release(
-        lake,
-        "testcat",
-        "dr9",
-        write_parts(make_catalog(700, seed=4), tmp_path / "d"),
-        load_definition(definition_file),
-        opts,
-    )
+    _publish_testcat(lake, definition_file, tmp_path / "d", "dr9", rows=700, seed=4)
     assert session.adql("SELECT COUNT(*) AS n FROM testcat.main")["n"][0].as_py() == 700
     lake.publish("testcat", "dr1")  # roll back
     assert session.adql("SELECT COUNT(*) AS n FROM testcat.main")["n"][0].as_py() == N
@@ -181,14 +172,6 @@ def test_translation_cache_is_keyed_on_visible_tables(two_catalogs, definition_f
     first = session.engine._translate(text, None)
     assert session.engine._translate(text, None) is first
     assert session.engine._translate(text, 5) is not first  # MAXREC changes the SQL (LIMIT)
-    opts = IngestOptions(max_rows_per_partition=1500, highest_order=7, validate_with_lsdb=False)
-    ingest_release(
-        lake,
-        "testcat",
-        "dr5",
-        write_parts(make_catalog(300, seed=6), tmp_path / "e"),
-        load_definition(definition_file),
-        opts,
-    )
+    _publish_testcat(lake, definition_file, tmp_path / "e", "dr5", rows=300, seed=6)
     assert session.engine._translate(text, None) is not first  # a new release: a new plan
     assert session.adql(text)["n"][0].as_py() == 300

@@ -246,7 +246,10 @@ class Sandbox:
         }
         try:
             self._con = duckdb.connect(config=config)
-            self._con.execute("SET enable_progress_bar = false")  # a server has no terminal to draw on
+            # progress is tracked (async jobs report it) but never drawn: a server has no terminal
+            self._con.execute("SET enable_progress_bar = true")
+            self._con.execute("SET enable_progress_bar_print = false")
+            self._con.execute("SET progress_bar_time = 0")
             if storage.is_s3:
                 configure_s3(self._con, storage)
             if profile:
@@ -345,6 +348,43 @@ class Sandbox:
             raise SandboxError(f"cannot define relation {name!r}: {_first_line(exc)}") from exc
         self._relations[name.lower()] = paths
         self._files.update(paths)
+
+    def define_arrow_relation(self, name: str, table: pa.Table) -> None:
+        """Make an in-memory Arrow table (a TAP upload, TAP_SCHEMA) readable as `name`.
+
+        Registered explicitly on this connection (replacement scans stay off), so it is visible to this
+        sandbox's queries only; like files, only before `lock()`.
+        """
+        self._check_open()
+        if self._locked:
+            raise SandboxError("define_arrow_relation() after lock(): relations are fixed once locked")
+        if not isinstance(name, str) or not _IDENT_RE.match(name):
+            raise ValueError(f"relation name {name!r}: use a plain identifier (letters, digits, '_')")
+        if name.lower() in self._relations:
+            raise ValueError(f"relation {name!r} is already defined")
+        if not isinstance(table, pa.Table):
+            raise TypeError(f"relation {name!r}: expected a pyarrow.Table, got {type(table).__name__}")
+        try:
+            self._con.register(name, table)
+        except duckdb.Error as exc:
+            raise SandboxError(f"cannot define relation {name!r}: {_first_line(exc)}") from exc
+        self._relations[name.lower()] = []
+
+    def progress(self) -> float | None:
+        """Fraction (0-1) of the running query done, as DuckDB estimates it; None when unknown."""
+        if self._closed:
+            return None
+        try:
+            pct = self._con.query_progress()
+        except duckdb.Error:
+            return None
+        return None if pct is None or pct < 0 else min(1.0, pct / 100.0)
+
+    def interrupt(self) -> None:
+        """Stop the running query (a cancelled async job); the sandbox stays usable."""
+        if not self._closed:
+            with contextlib.suppress(Exception):
+                self._con.interrupt()
 
     def _lake_file(self, f: str) -> str:
         """`f` (absolute, s3:// or relative to the lake root) as the exact string DuckDB will open."""

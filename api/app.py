@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from api.auth import Authenticator, AuthError, AuthSettings, identity_dependency
 from api.config import ServiceSettings
 from api.formats import TapError
+from api.routers.alerts import make_alerts_router
 from api.routers.common import error_response
 from api.routers.scs import make_scs_router
 from api.routers.tap_sync import make_sync_router
@@ -35,6 +36,7 @@ def create_app(
     auth_settings: AuthSettings | None = None,
 ) -> FastAPI:
     """The service for the configured lake (`DAC_LAKE_URL` / the config file), or for explicit settings."""
+    _setup_logging()
     settings = settings or load_settings()
     service_settings = service_settings or ServiceSettings.from_settings(settings)
     auth_settings = auth_settings or AuthSettings.from_mapping(
@@ -84,6 +86,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(make_vosi_router(service, identity))
     app.include_router(make_scs_router(service, identity))
+    app.include_router(make_alerts_router(service, identity))
 
     @app.get("/health", summary="liveness and lake reachability")
     async def health() -> Response:
@@ -102,6 +105,23 @@ def create_app(
     return app
 
 
+def _setup_logging() -> None:
+    """Our loggers at INFO with time and level, in every worker process (uvicorn configures only its own):
+    the per-query log line (who, what, rows, files, seconds) is the service's audit trail."""
+    ours = logging.getLogger("api")
+    if any(getattr(h, "_dac", False) for h in ours.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler._dac = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("api", "dac_lake"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 _HOME = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</title></head><body>
 <h1>{title}</h1>
 <p>An IVOA TAP 1.1 service. In TOPCAT: <em>VO &gt; Table Access Protocol (TAP) Query</em>, enter
@@ -112,6 +132,7 @@ _HOME = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>{title}</titl
 <a href="{tap}/availability">availability</a> · <a href="{tap}/examples">examples</a> ·
 <a href="{tap}/async">async jobs</a></li>
 <li>Simple Cone Search: <code>{base}/scs/&lt;catalog&gt;?RA=..&amp;DEC=..&amp;SR=..</code></li>
+<li>Alert objects: <code>{base}/alerts/&lt;stream&gt;/objects</code></li>
 <li><a href="{base}/docs">OpenAPI</a> · <a href="{base}/health">health</a></li>
 </ul></body></html>
 """

@@ -298,6 +298,10 @@ def serve(
         factory=workers > 1,
         log_level="info",
         timeout_graceful_shutdown=5,
+        # a worker imports the whole stack (DuckDB, pyarrow, astropy) before it can answer uvicorn's
+        # health ping: on a loaded machine that takes longer than the default 5 s, and uvicorn would kill
+        # and restart its workers in a loop
+        timeout_worker_healthcheck=60,
     )
 
 

@@ -23,7 +23,6 @@ from dac_lake.adql import CrossMatch, OutputColumn, TableRef, Translation, trans
 from dac_lake.adql.model import TableMeta
 from dac_lake.coverage import partitions_touching, points_ranges29, regions_ranges29
 from dac_lake.lake import Lake
-from dac_lake.layout import pixel_file
 from dac_lake.registry import LakeRegistry, LakeTable
 from dac_lake.sandbox import Sandbox, SandboxError, SandboxLimits
 
@@ -168,7 +167,7 @@ def plan_scan(lt: LakeTable, ref: TableRef, regions: list, extra_deg: float = 0.
     partitions = lt.manifest["partitions"]
     ranges = regions_ranges29(regions, extra_deg) if regions else None
     touched = partitions if ranges is None else partitions_touching(partitions, ranges)
-    files = [f"{lt.dataset_prefix}/{pixel_file(o, p)}" for o, p, _ in touched]
+    files = lt.files(touched)
     return ScanPlan(ref.relation, lt.qualified_name, files, len(partitions), ranges)
 
 
@@ -245,7 +244,7 @@ class QueryEngine:
                     ranges = None
                 files = plan.files
                 if not files:  # empty coverage: a view with the right columns and no rows
-                    files = [f"{lt.dataset_prefix}/{pixel_file(*lt.manifest['partitions'][0][:2])}"]
+                    files = [lt.schema_file]
                     ranges = np.empty((0, 2), dtype=np.int64)
                 sandbox.define_relation(ref.relation, files, healpix_ranges=ranges)
             sandbox.lock()
@@ -281,7 +280,7 @@ class QueryEngine:
                     )
                     partitions = lt.manifest["partitions"]
                     touched = partitions_touching(partitions, ranges)
-                    files = [f"{lt.dataset_prefix}/{pixel_file(o, p)}" for o, p, _ in touched]
+                    files = lt.files(touched)
                     return ScanPlan(ref.relation, lt.qualified_name, files, len(partitions), ranges)
         regions, grow = effective_regions(ref, translation.table_refs, translation.crossmatches)
         return plan_scan(lt, ref, regions, grow)

@@ -1,0 +1,87 @@
+"""HEALPix-neighbour cross-matches: the pure parts (no I/O), shared by the engine and the tests.
+
+A cross-match `DISTANCE(a, b) <= r` becomes an equi-join (see `dac_lake.adql.model.CrossMatch`): at the
+order k of `neighbour_order(r)`, a pair within r has b's cell in the neighbourhood of a's cell (the cell and
+its 8 neighbours). The engine reads the distinct cells of one side (the anchor: the smaller one), builds a
+neighbour table (anchor cell `a`, neighbourhood cell `e`: 9 rows per anchor cell) and joins the other side
+(expanded) through it, so that DuckDB runs two hash joins instead of a declination-band range join over
+the whole sky, and reads only the row groups of the expanded side near an anchor cell.
+
+Why not per partition pair with the margin caches (as lsdb does)? A margin cache exists so that a
+partition-local join sees the rows just outside its partition. One join over the catalogs' main files sees
+every row exactly once, needs no margin and no de-duplication, and DuckDB parallelises it itself; the
+neighbour table bounds the work to cells near the anchor's rows, which is what the pairing bought.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+from cdshealpix import nested
+
+from dac_lake.healpix import SPATIAL_INDEX_ORDER
+
+
+def key_shift(order: int) -> int:
+    """`_healpix_29 >> key_shift(order)` is the cell of order `order`."""
+    return 2 * (SPATIAL_INDEX_ORDER - order)
+
+
+def neighbour_table(cells: np.ndarray, order: int) -> pa.Table:
+    """(a, e) for every anchor cell `a` of `cells` (distinct, int64) and every `e` in its neighbourhood
+    (itself and its 7 or 8 neighbours). cdshealpix marks the missing 8th neighbour of the base-pixel
+    corner cells with -1: those rows stay, as -1 is no cell and never joins."""
+    cells = np.asarray(cells, dtype=np.int64)
+    if len(cells) == 0:
+        return pa.table({"a": pa.array([], pa.int64()), "e": pa.array([], pa.int64())})
+    around = nested.neighbours(cells.astype(np.uint64), order).astype(np.int64, copy=False)
+    return pa.table({"a": np.repeat(cells, around.shape[1]), "e": around.reshape(-1)})
+
+
+def cells_ranges29(cells: np.ndarray, order: int, max_ranges: int) -> np.ndarray:
+    """Merged [lo, hi) `_healpix_29` ranges covering `cells` (order `order`), coarsened (to the parent
+    cells) until there are at most `max_ranges`: a superset, for row-group pruning."""
+    cells = np.unique(np.asarray(cells, dtype=np.int64))
+    cells = cells[cells >= 0]
+    while True:
+        shift = key_shift(order)
+        lo, hi = cells << shift, (cells + 1) << shift
+        starts = np.concatenate(([True], lo[1:] != hi[:-1])) if len(lo) else np.empty(0, bool)
+        ends = np.concatenate((lo[1:] != hi[:-1], [True])) if len(lo) else np.empty(0, bool)
+        ranges = np.stack([lo[starts], hi[ends]], axis=1) if len(lo) else np.empty((0, 2), np.int64)
+        if len(ranges) <= max_ranges or order == 0:
+            return ranges
+        cells = np.unique(cells >> 2)
+        order -= 1
+
+
+def intersect_ranges(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """The intersection of two sorted lists of disjoint [lo, hi) ranges (None = everything)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    out = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i, 0], b[j, 0]), min(a[i, 1], b[j, 1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i, 1] < b[j, 1]:
+            i += 1
+        else:
+            j += 1
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+def choose_anchor(
+    left: str, right: str, expandable: tuple[str, ...], rows: dict[str, int]
+) -> tuple[str, str]:
+    """(anchor, expanded): the expanded side must be one the query allows to repeat (not the preserved
+    side of an outer join); between two such, the anchor is the side with fewer rows (fewer cells to read
+    and expand, and the larger side is the one whose row groups the neighbour cells prune)."""
+    if left not in expandable:
+        return left, right
+    if right not in expandable:
+        return right, left
+    return (left, right) if rows.get(left, 0) <= rows.get(right, 0) else (right, left)

@@ -96,6 +96,7 @@ Two ways to hold the lock:
 A `Sandbox` or a `SandboxQuery` is not thread-safe: one query at a time on it (a new query supersedes an
 unfinished stream). A `SandboxDatabase` is: `query()` may be called from any number of threads.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -85,3 +85,23 @@ def choose_anchor(
     if right not in expandable:
         return right, left
     return (left, right) if rows.get(left, 0) <= rows.get(right, 0) else (right, left)
+
+
+#: the neighbourhood of many anchor cells is computed on their parents (a superset) above this many cells
+_MAX_NEIGHBOURHOOD_CELLS = 65_536
+
+
+def neighbourhood_ranges29(cells: np.ndarray, order: int, max_ranges: int) -> np.ndarray:
+    """`_healpix_29` ranges covering the neighbourhoods of `cells` (order `order`): where the expanded
+    side's rows can match. With many cells, their parents' neighbourhoods are used instead (a superset: a
+    cell touching a cell touches that cell's parent or one of the parent's neighbours), which keeps this
+    cheap for an all-sky anchor, where it covers the sky anyway."""
+    cells = np.unique(np.asarray(cells, dtype=np.int64))
+    cells = cells[cells >= 0]
+    while len(cells) > _MAX_NEIGHBOURHOOD_CELLS and order > 0:
+        cells = np.unique(cells >> 2)
+        order -= 1
+    if len(cells) == 0:
+        return np.empty((0, 2), dtype=np.int64)
+    around = nested.neighbours(cells.astype(np.uint64), order).astype(np.int64, copy=False).reshape(-1)
+    return cells_ranges29(around, order, max_ranges)

@@ -149,10 +149,7 @@ class ConeReader:
         for order, pixel, _ in touched:
             rel = f"{lt.dataset_prefix}/{pixel_file(order, pixel)}"
             fi = self.file_index(rel)
-            # row groups whose [lo, hi] meets a range [r_lo, r_hi): the first range ending after lo
-            i = np.searchsorted(ranges[:, 1], fi.lo, side="right")
-            hit = (i < len(ranges)) & (ranges[np.minimum(i, len(ranges) - 1), 0] <= fi.hi)
-            rgs = np.flatnonzero(hit)
+            rgs = np.flatnonzero(row_groups_meeting(fi, ranges))
             out.files.append(rel)
             if len(rgs):
                 plan.append((rel, fi, rgs))
@@ -196,6 +193,15 @@ class ConeReader:
             out.table = _empty(lt, self, plan, columns, touched)
             out.dist = np.empty(0)
         return out
+
+
+def row_groups_meeting(fi: FileIndex, ranges: np.ndarray) -> np.ndarray:
+    """Mask of the row groups whose `_healpix_29` span [lo, hi] meets one of the sorted, disjoint
+    [r_lo, r_hi) `ranges`: the first range ending after lo must start at or before hi."""
+    if len(ranges) == 0:
+        return np.zeros(len(fi.lo), dtype=bool)
+    i = np.searchsorted(ranges[:, 1], fi.lo, side="right")
+    return (i < len(ranges)) & (ranges[np.minimum(i, len(ranges) - 1), 0] <= fi.hi)
 
 
 def distance_deg(ra: np.ndarray, dec: np.ndarray, ra_c: float, dec_c: float) -> np.ndarray:

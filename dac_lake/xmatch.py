@@ -22,6 +22,17 @@ from cdshealpix import nested
 from dac_lake.healpix import SPATIAL_INDEX_ORDER
 
 
+def _distinct(values: np.ndarray, is_sorted: bool = False) -> np.ndarray:
+    """Sorted distinct values (numpy 2.4's `unique` takes ~2 s for 2M int64 with its hash-based
+    algorithm, a sort and a comparison ~40 ms)."""
+    values = np.asarray(values, dtype=np.int64)
+    if not is_sorted:
+        values = np.sort(values)
+    if len(values) == 0:
+        return values
+    return values[np.concatenate(([True], values[1:] != values[:-1]))]
+
+
 def key_shift(order: int) -> int:
     """`_healpix_29 >> key_shift(order)` is the cell of order `order`."""
     return 2 * (SPATIAL_INDEX_ORDER - order)
@@ -41,7 +52,7 @@ def neighbour_table(cells: np.ndarray, order: int) -> pa.Table:
 def cells_ranges29(cells: np.ndarray, order: int, max_ranges: int) -> np.ndarray:
     """Merged [lo, hi) `_healpix_29` ranges covering `cells` (order `order`), coarsened (to the parent
     cells) until there are at most `max_ranges`: a superset, for row-group pruning."""
-    cells = np.unique(np.asarray(cells, dtype=np.int64))
+    cells = _distinct(cells)
     cells = cells[cells >= 0]
     while True:
         shift = key_shift(order)
@@ -51,7 +62,7 @@ def cells_ranges29(cells: np.ndarray, order: int, max_ranges: int) -> np.ndarray
         ranges = np.stack([lo[starts], hi[ends]], axis=1) if len(lo) else np.empty((0, 2), np.int64)
         if len(ranges) <= max_ranges or order == 0:
             return ranges
-        cells = np.unique(cells >> 2)
+        cells = _distinct(cells >> 2, is_sorted=True)
         order -= 1
 
 
@@ -96,10 +107,10 @@ def neighbourhood_ranges29(cells: np.ndarray, order: int, max_ranges: int) -> np
     side's rows can match. With many cells, their parents' neighbourhoods are used instead (a superset: a
     cell touching a cell touches that cell's parent or one of the parent's neighbours), which keeps this
     cheap for an all-sky anchor, where it covers the sky anyway."""
-    cells = np.unique(np.asarray(cells, dtype=np.int64))
+    cells = _distinct(cells)
     cells = cells[cells >= 0]
     while len(cells) > _MAX_NEIGHBOURHOOD_CELLS and order > 0:
-        cells = np.unique(cells >> 2)
+        cells = _distinct(cells >> 2, is_sorted=True)
         order -= 1
     if len(cells) == 0:
         return np.empty((0, 2), dtype=np.int64)

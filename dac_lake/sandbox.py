@@ -119,6 +119,7 @@ from typing import Any, Literal, NoReturn
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dac_lake.duckdb_io import configure_s3
 from dac_lake.storage import LakeStorage
@@ -144,8 +145,8 @@ _GLOB_CHARS = frozenset("*?[]{}")
 _BATCH_ROWS = 65_536
 #: validated SQL texts remembered per database (a repeated query shape skips DuckDB's parse + AST walk)
 _VALIDATION_CACHE_SIZE = 1024
-#: the I/O log is global to a DuckDB instance: it is emptied after this many queries, when none is running
-_LOG_TRUNCATE_EVERY = 64
+#: the I/O log is global to a DuckDB instance: emptied when no query runs, or after this many queries
+_LOG_TRUNCATE_EVERY = 256
 
 
 @dataclass(frozen=True)
@@ -430,7 +431,7 @@ class _Runner:
         self._deadline: _Deadline | None = None
         self._stream_token: object | None = None
         self._last_profile: dict[str, Any] = {}
-        self._last_reads: dict[str, list[tuple[int, int]]] = {}
+        self._log_reads: pa.Table | None = None
         self._log_mark: tuple[int, int] | None = None
 
     # hooks --------------------------------------------------------------------------------------------
@@ -662,7 +663,7 @@ class _Runner:
         self._end_run()  # supersede any unfinished stream
         self._stream_token = None
         self.check(sql)
-        self._last_profile, self._last_reads = {}, {}
+        self._last_profile, self._log_reads = {}, None
         self._before_query()
 
     def _start_deadline(self) -> _Deadline:
@@ -757,33 +758,50 @@ class _Runner:
                 peak_temp_bytes=info.get("system_peak_temp_dir_size"),
                 scans=scans,
             )
-        reads: dict[str, list[tuple[int, int]]] = {}
-        messages: list = []
+        per_file: dict[str, tuple[int, int]] = {}
+        self._log_reads = None
         if self._log_mark is not None:
             connection, query = self._log_mark
+            # parsed by DuckDB, not json.loads per entry: a full scan logs thousands of reads
             try:
-                messages = self._con.execute(
-                    "SELECT l.message FROM duckdb_logs() AS l JOIN duckdb_log_contexts() AS c "
-                    "ON l.context_id = c.context_id "
-                    "WHERE l.type = 'FileSystem' AND c.connection_id = ? AND c.query_id > ?",
+                log_reads = self._con.execute(
+                    "SELECT json_extract_string(l.message, '$.path') AS path, "
+                    "CAST(json_extract_string(l.message, '$.pos') AS BIGINT) AS pos, "
+                    "CAST(json_extract_string(l.message, '$.bytes') AS BIGINT) AS bytes "
+                    "FROM duckdb_logs() AS l JOIN duckdb_log_contexts() AS c ON l.context_id = c.context_id "
+                    "WHERE l.type = 'FileSystem' AND c.connection_id = ? AND c.query_id > ? "
+                    "AND json_extract_string(l.message, '$.op') = 'READ'",
                     [connection, query],
-                ).fetchall()
+                ).to_arrow_table()
             except duckdb.Error:
-                messages = []
-        for (message,) in messages:
-            with contextlib.suppress(ValueError, TypeError, KeyError):
-                entry = json.loads(message)
-                if entry.get("op") == "READ":
-                    reads.setdefault(entry["path"], []).append((int(entry["pos"]), int(entry["bytes"])))
-        reads = {p: r for p, r in reads.items() if p in self._files or not self._files}
-        self._last_reads = reads
+                log_reads = None
+            if log_reads is not None and log_reads.num_rows:
+                if self._files:
+                    log_reads = log_reads.filter(
+                        pc.is_in(log_reads["path"], pa.array(sorted(self._files)))
+                    )
+                self._log_reads = log_reads
+                for row in (
+                    log_reads.group_by("path").aggregate([("bytes", "count"), ("bytes", "sum")]).to_pylist()
+                ):
+                    per_file[row["path"]] = (int(row["bytes_count"]), int(row["bytes_sum"] or 0))
         profile["io"] = {
-            "files_read": len(reads),
-            "read_requests": sum(len(r) for r in reads.values()),
-            "bytes_read": sum(n for r in reads.values() for _, n in r),
-            "files": {p: {"reads": len(r), "bytes": sum(n for _, n in r)} for p, r in sorted(reads.items())},
+            "files_read": len(per_file),
+            "read_requests": sum(n for n, _ in per_file.values()),
+            "bytes_read": sum(b for _, b in per_file.values()),
+            "files": {p: {"reads": n, "bytes": b} for p, (n, b) in sorted(per_file.items())},
         }
         self._last_profile = profile
+
+    @property
+    def _last_reads(self) -> dict[str, list[tuple[int, int]]]:
+        """The last query's reads (path -> [(pos, bytes)]), from the log entries kept by _collect_profile."""
+        reads: dict[str, list[tuple[int, int]]] = {}
+        if self._log_reads is not None:
+            cols = self._log_reads.to_pydict()
+            for path, pos, size in zip(cols["path"], cols["pos"], cols["bytes"], strict=True):
+                reads.setdefault(path, []).append((int(pos), int(size)))
+        return reads
 
     def row_groups_read(self) -> dict[str, list[int]]:
         """For the last query: file -> indices of the row groups whose column chunks DuckDB actually read.
@@ -1095,11 +1113,13 @@ class SandboxDatabase:
                 self._pool.put(con)
             self._active -= 1
             self._since_truncate += 1
+            # reading the log scans all of it: empty it whenever no query is running, and, under constant
+            # load, after _LOG_TRUNCATE_EVERY queries anyway (a query running across that moment then
+            # reports the reads it made since, not all of them)
             if (
                 self.profile_enabled
                 and not self._closed
-                and self._active == 0
-                and self._since_truncate >= _LOG_TRUNCATE_EVERY
+                and (self._active == 0 or self._since_truncate >= _LOG_TRUNCATE_EVERY)
             ):
                 self._since_truncate = 0
                 with contextlib.suppress(duckdb.Error):

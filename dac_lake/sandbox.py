@@ -147,6 +147,8 @@ _BATCH_ROWS = 65_536
 _VALIDATION_CACHE_SIZE = 1024
 #: the I/O log is global to a DuckDB instance: emptied when no query runs, or after this many queries
 _LOG_TRUNCATE_EVERY = 256
+#: the watchdog drops cancelled deadlines once it holds this many (a one-hour limit keeps them that long)
+_WATCHDOG_COMPACT_AT = 4096
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,9 @@ class _Watchdog:
 
     def add(self, when: float, deadline: _Deadline) -> None:
         with self._cond:
+            if len(self._heap) >= _WATCHDOG_COMPACT_AT:  # mostly cancelled deadlines of finished queries
+                self._heap = [item for item in self._heap if item[2].active]
+                heapq.heapify(self._heap)
             heapq.heappush(self._heap, (when, next(self._seq), deadline))
             self._cond.notify()
 
@@ -247,16 +252,20 @@ class _Deadline:
     from another error."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, timeout_s: float):
-        self._con = con
+        self._con: duckdb.DuckDBPyConnection | None = con
         self._lock = threading.Lock()
         self._active = True
         self.fired = False
         self.started = time.monotonic()
         _Watchdog.get().add(self.started + timeout_s, self)
 
+    @property
+    def active(self) -> bool:
+        return self._active
+
     def fire(self) -> None:
         with self._lock:
-            if not self._active:
+            if not self._active or self._con is None:
                 return
             self._active = False
             self.fired = True
@@ -268,6 +277,7 @@ class _Deadline:
     def cancel(self) -> None:
         with self._lock:
             self._active = False
+            self._con = None  # the watchdog may keep this object until its time: not the connection
 
 
 # ---------------------------------------------------------------------------------------------- instances

@@ -901,3 +901,27 @@ def test_database_waits_for_a_free_connection_and_retires(local):
     assert db.closed
     tmp = db._tmp
     assert not os.path.exists(tmp)
+
+
+def test_io_log_parser_reads_duckdb_messages_and_falls_back_to_json():
+    from dac_lake.sandbox import _parse_io_log
+
+    messages = pa.array(
+        [
+            '{"fs":"LocalFileSystem","path":"/l/a.parquet","op":"OPEN"}',
+            '{"fs":"LocalFileSystem","path":"/l/a.parquet","op":"READ","bytes":"8","pos":"100"}',
+            '{"fs":"S3FileSystem","path":"s3://b/l/x.parquet","op":"READ","bytes":"4096","pos":"0"}',
+            '{"fs":"LocalFileSystem","path":"/l/q\\"uote.parquet","op":"READ","bytes":"5","pos":"7"}',
+            '{"path":"/l/other-order.parquet","op":"READ","pos":"1","bytes":"2","fs":"x"}',
+            "not json",
+        ]
+    )
+    got = sorted(zip(*_parse_io_log(messages).to_pydict().values(), strict=True))
+    assert got == sorted(
+        [
+            ("/l/a.parquet", 100, 8),
+            ('/l/q"uote.parquet', 7, 5),
+            ("/l/other-order.parquet", 1, 2),
+            ("s3://b/l/x.parquet", 0, 4096),
+        ]
+    )

@@ -316,12 +316,14 @@ class QueryEngine:
             rows = {rel: plan.rows for rel, plan in plans.items()}
             anchor, expanded = xmatch.choose_anchor(cm.left, cm.right, cm.expandable, rows)
             shift = xmatch.key_shift(cm.order)
+            join_shift = xmatch.key_shift(xmatch.join_order(cm.order))
             self._define(q, tables[anchor], plans[anchor], [CellKey(cm.key, shift)])
             cells = np.asarray(
                 q.distinct_cells(anchor, cm.key).to_numpy(zero_copy_only=False), dtype=np.int64
             )
             neighbours = f"__dac_nb{i}"
-            q.register_table(neighbours, xmatch.neighbour_table(cells, cm.order), hidden=True)
+            table = xmatch.neighbour_table(cells, cm.order)
+            q.register_table(neighbours, table, hidden=True)
             near = xmatch.neighbourhood_ranges29(cells, cm.order, MAX_RANGE_PREDICATES)
             restricted = _restrict(tables[expanded], plans[expanded], near)
             kept, total = self._rows_in_ranges(restricted.files, restricted.ranges)
@@ -330,7 +332,7 @@ class QueryEngine:
                 # (~150 ranges around 10M rows: 2x the join's CPU, measured) costs more than it prunes
                 restricted = replace(restricted, ranges=plans[expanded].ranges)
             plans[expanded] = restricted
-            self._define(q, tables[expanded], plans[expanded], [CellKey(cm.key, shift, neighbours)])
+            self._define(q, tables[expanded], plans[expanded], [CellKey(cm.key, join_shift, neighbours)])
             defined |= {anchor, expanded}
             notes.append(
                 {

@@ -86,7 +86,7 @@ def run(t: Translation, data: dict[str, pd.DataFrame], explain: bool = False) ->
         cells = np.unique(frames[anchor]["_healpix_29"].to_numpy() >> shift)
         con.register(f"nb{i}", xmatch.neighbour_table(cells, cm.order))
         keys[anchor] = (cm.key, shift, None)
-        keys[expanded] = (cm.key, shift, f"nb{i}")
+        keys[expanded] = (cm.key, xmatch.key_shift(xmatch.join_order(cm.order)), f"nb{i}")
     for i, ref in enumerate(t.table_refs):
         con.register(f"src{i}", frames[ref.relation])
         if ref.relation not in keys:

@@ -125,6 +125,38 @@ class ConeReader:
                 self._files.popitem(last=False)
         return found
 
+    def read_row_groups(
+        self, rel: str, fi: FileIndex, rgs: np.ndarray, columns: list[str] | None
+    ) -> tuple[pa.Table, int]:
+        """Row groups `rgs` of file `rel` (`columns`, None: all), and the compressed bytes they span."""
+        source = self.storage.pa_fs.open_input_file(self.storage.path(rel))
+        with source:
+            pf = pq.ParquetFile(source, metadata=fi.metadata, pre_buffer=self.storage.is_s3)
+            table = pf.read_row_groups(rgs.tolist(), columns=columns, use_threads=False)
+        names = set(columns) if columns is not None else None
+        nbytes = 0
+        for g in rgs.tolist():
+            rg = fi.metadata.row_group(g)
+            nbytes += sum(
+                rg.column(c).total_compressed_size
+                for c in range(rg.num_columns)
+                if names is None or rg.column(c).path_in_schema in names
+            )
+        return table, nbytes
+
+    def select(
+        self, files: list[str], ranges: np.ndarray
+    ) -> tuple[list[tuple[str, FileIndex, np.ndarray]], int]:
+        """The row groups of `files` whose `_healpix_29` statistics meet `ranges`, and their row count."""
+        plan, rows = [], 0
+        for rel in files:
+            fi = self.file_index(rel)
+            rgs = np.flatnonzero(row_groups_meeting(fi, ranges))
+            if len(rgs):
+                plan.append((rel, fi, rgs))
+                rows += int(fi.rows[rgs].sum())
+        return plan, rows
+
     # ------------------------------------------------------------------ search
     def read(
         self,
@@ -144,16 +176,8 @@ class ConeReader:
         pindex = self.partition_index(lt)
         touched = _touching(pindex, ranges)
         out = ConeRead(pa.table({}), np.empty(0), total_files=len(pindex.partitions), ranges=ranges)
-        plan = []
-        rows = 0
-        for order, pixel, _ in touched:
-            rel = f"{lt.dataset_prefix}/{pixel_file(order, pixel)}"
-            fi = self.file_index(rel)
-            rgs = np.flatnonzero(row_groups_meeting(fi, ranges))
-            out.files.append(rel)
-            if len(rgs):
-                plan.append((rel, fi, rgs))
-                rows += int(fi.rows[rgs].sum())
+        out.files = [f"{lt.dataset_prefix}/{pixel_file(order, pixel)}" for order, pixel, _ in touched]
+        plan, rows = self.select(out.files, ranges)
         if rows > MAX_FAST_ROWS:
             raise TooLarge(rows)
         wanted = list(dict.fromkeys([*columns, ra_col, dec_col]))
@@ -161,20 +185,10 @@ class ConeReader:
         for rel, fi, rgs in plan:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError
-            source = self.storage.pa_fs.open_input_file(self.storage.path(rel))
-            with source:
-                pf = pq.ParquetFile(source, metadata=fi.metadata, pre_buffer=self.storage.is_s3)
-                table = pf.read_row_groups(rgs.tolist(), columns=wanted, use_threads=False)
+            table, nbytes = self.read_row_groups(rel, fi, rgs, wanted)
             out.row_groups[rel] = rgs.tolist()
             out.rows_read += table.num_rows
-            for g in rgs.tolist():
-                rg = fi.metadata.row_group(g)
-                names = set(wanted)
-                out.bytes_read += sum(
-                    rg.column(c).total_compressed_size
-                    for c in range(rg.num_columns)
-                    if rg.column(c).path_in_schema in names
-                )
+            out.bytes_read += nbytes
             decs = table.column(dec_col).to_numpy()
             # rows outside the declination band are farther than the radius: the exact test runs on the
             # others only (the SQL path's band pre-filter, with the same margin)

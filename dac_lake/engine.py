@@ -47,6 +47,10 @@ MAX_RANGE_PREDICATES = 512
 TRANSLATION_CACHE_SIZE = 256
 #: Arrow types of the Parquet files that DuckDB returns as another type (the cone fast path matches it)
 _DUCKDB_ARROW_TYPES = {pa.large_string(): pa.string(), pa.large_binary(): pa.binary()}
+#: a spatially constrained relation is read with pyarrow when its ranges select at most this many rows in
+#: at most this many files (QueryEngine._define)
+SMALL_SCAN_ROWS = 100_000
+SMALL_SCAN_FILES = 16
 #: a cross-match's expanded side is filtered to the anchor's neighbourhood only when that leaves at most
 #: this fraction of the rows of its files' row groups
 PRUNE_WORTHWHILE = 0.5
@@ -64,6 +68,8 @@ class ScanPlan:
     total_files: int
     ranges: np.ndarray | None  # None: no spatial constraint
     rows: int = 0  # rows in `files` (from the manifest)
+    read_by: str = "duckdb"  # or "pyarrow": a small selection read before the query (QueryEngine._define)
+    pyarrow_read: dict | None = None  # then: files, row groups, rows and bytes read
 
 
 @dataclass
@@ -92,6 +98,8 @@ class QueryResult:
                     "files": len(s.files),
                     "of_files": s.total_files,
                     "healpix_ranges": None if s.ranges is None else len(s.ranges),
+                    "read_by": s.read_by,
+                    **({"pyarrow_read": s.pyarrow_read} if s.pyarrow_read else {}),
                 }
                 for s in self.scans
             ],
@@ -374,8 +382,36 @@ class QueryEngine:
             kept += int(fi.rows[row_groups_meeting(fi, ranges)].sum()) if ranges is not None else total
         return kept, total
 
-    @staticmethod
-    def _define(q: SandboxQuery, lt: LakeTable, plan: ScanPlan, keys: list[CellKey] | None = None) -> None:
+    def _define(
+        self, q: SandboxQuery, lt: LakeTable, plan: ScanPlan, keys: list[CellKey] | None = None
+    ) -> None:
+        """The relation of one table reference: a view over its files (DuckDB reads them), or, for a small
+        spatial selection, the row groups it selects read here and handed to DuckDB as an Arrow table.
+
+        Why the second form: DuckDB pays per query a cost proportional to the row groups of every file it
+        scans (~50-90 us each: 5-9 ms for a 1M-row partition in 10,000-row groups) before it decodes the few
+        it keeps; pyarrow reads just those, and DuckDB's scan of an Arrow table costs ~1 ms. The SQL
+        re-checks the exact condition either way (the ranges are a superset of the regions)."""
+        if not keys and plan.ranges is not None and plan.files and len(plan.files) <= SMALL_SCAN_FILES:
+            selection, rows = self.cones.select(plan.files, plan.ranges)
+            if rows <= SMALL_SCAN_ROWS:
+                read = [self.cones.read_row_groups(rel, fi, rgs, None) for rel, fi, rgs in selection]
+                pieces = [t for t, _ in read]
+                plan.pyarrow_read = {
+                    "files": len(selection),
+                    "row_groups": sum(len(rgs) for _, _, rgs in selection),
+                    "rows": sum(t.num_rows for t in pieces),
+                    "bytes": sum(n for _, n in read),
+                }
+                if pieces:
+                    table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+                else:
+                    table = (
+                        self.cones.file_index(plan.files[0]).metadata.schema.to_arrow_schema().empty_table()
+                    )
+                q.register_table(plan.relation, table.replace_schema_metadata(None))
+                plan.read_by = "pyarrow"
+                return
         ranges = plan.ranges
         if ranges is not None and len(ranges) > MAX_RANGE_PREDICATES:
             ranges = None

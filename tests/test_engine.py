@@ -328,24 +328,39 @@ def test_engine_serves_concurrent_threads(two_catalogs):
     assert not errors, errors[0]
 
 
-def test_profile_says_files_and_row_groups(two_catalogs):
-    """Every SQL query's profile says which files each scan opened (DuckDB's profiler) and which row
-    groups its `_healpix_29` ranges select (footers); with io_log=True, also every read DuckDB made."""
+def test_profile_says_files_and_row_groups(two_catalogs, monkeypatch):
+    """Every query's explain() says which files and row groups it read: a small spatial selection is read
+    with pyarrow (files, row groups, rows, bytes), a larger one by DuckDB (files per scan from its
+    profiler, row groups selected by the `_healpix_29` ranges from the footers; with io_log=True, also
+    every read DuckDB made)."""
+    from dac_lake import engine as engine_mod
     from dac_lake.engine import QueryEngine
 
     lake, main, _ = two_catalogs
-    text = "SELECT object_id FROM testcat.main WHERE 1 = CONTAINS(POINT(ra, dec), CIRCLE(45.0, -30.0, 0.2))"
+    small = "SELECT object_id FROM testcat.main WHERE 1 = CONTAINS(POINT(ra, dec), CIRCLE(45.0, -30.0, 0.2))"
+    large = "SELECT object_id FROM testcat.main WHERE 1 = CONTAINS(POINT(ra, dec), CIRCLE(200.0, 10.0, 40.0))"
     quiet = dac_lake.connect(lake.storage.url).engine
     loud = QueryEngine(lake, frozenset({"*"}), io_log=True)
     for engine in (quiet, loud):
-        result = engine.adql(text)
+        result = engine.adql(small)
         assert set(result.table["object_id"].to_pylist()) == _brute_cone(main, 45.0, -30.0, 0.2)
+        (scan,) = result.explain()["scans"]
+        assert scan["read_by"] == "pyarrow" and 1 <= scan["pyarrow_read"]["files"] <= scan["files"]
+        assert scan["pyarrow_read"]["rows"] >= result.table.num_rows and scan["pyarrow_read"]["bytes"] > 0
+        (rgs,) = result.profile["row_groups"].values()
+        assert rgs["selected"] == scan["pyarrow_read"]["row_groups"] <= rgs["in_files"]
+        monkeypatch.setattr(engine_mod, "SMALL_SCAN_ROWS", 10)  # the test catalog is small
+        result = engine.adql(large)
+        monkeypatch.undo()
+        assert set(result.table["object_id"].to_pylist()) == _brute_cone(main, 200.0, 10.0, 40.0)
+        (scan,) = result.explain()["scans"]
+        assert scan["read_by"] == "duckdb" and result.profile["files_scanned"] >= 1
         (rgs,) = result.profile["row_groups"].values()
         assert 0 < rgs["selected"] <= rgs["in_files"] and rgs["rows_selected"] >= result.table.num_rows
-        assert result.profile["files_scanned"] >= 1
         assert ("io" in result.profile) == engine.io_log
-    io = loud.adql(text).profile["io"]
-    assert 1 <= io["files_read"] <= len(loud.adql(text).scans[0].files) and io["bytes_read"] > 0
+        if engine.io_log:
+            io = result.profile["io"]
+            assert 1 <= io["files_read"] <= scan["files"] and io["bytes_read"] > 0
     full = quiet.adql("SELECT COUNT(*) AS n FROM testcat.main")
     assert full.profile["row_groups"] == {"__dac_t0": None} and full.table["n"][0].as_py() == N
     loud.close()

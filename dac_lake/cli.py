@@ -253,6 +253,77 @@ def ingest_release_cmd(
         typer.echo(line)
 
 
+# ---------------------------------------------------------------------- service
+@app.command("serve")
+def serve(
+    lake: LakeOpt = None,
+    host: Annotated[
+        str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+    job_dir: Annotated[str | None, typer.Option(help="async job database and results")] = None,
+) -> None:
+    """Serve the lake over IVOA TAP 1.1 / ADQL, VOSI and Simple Cone Search (FastAPI under uvicorn)."""
+    import os
+
+    import uvicorn
+
+    # the app factory runs in each worker process: hand it the choices through the environment
+    if lake:
+        os.environ["DAC_LAKE_URL"] = lake
+    if job_dir:
+        os.environ["DAC_SERVICE_JOB_DIR"] = job_dir
+    settings = load_settings()
+    try:
+        from api.app import create_app
+
+        if workers == 1:
+            application = create_app(settings)  # fail here, with a clear message, on a bad lake or config
+        else:
+            from dac_lake.lake import Lake
+            from dac_lake.storage import LakeStorage
+
+            Lake(LakeStorage(settings.lake_url, settings)).check()
+            application = "api.app:create_app"
+    except (*_known_errors(), ValueError) as exc:
+        raise _fail(str(exc)) from None
+    base = f"http://{host}:{port}"
+    typer.echo(f"TAP service for lake {settings.lake_url}: {base}/tap", err=True)
+    uvicorn.run(
+        application,
+        host=host,
+        port=port,
+        workers=workers,
+        factory=workers > 1,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+        # a worker imports the whole stack (DuckDB, pyarrow, astropy) before it can answer uvicorn's
+        # health ping: on a loaded machine that takes longer than the default 5 s, and uvicorn would kill
+        # and restart its workers in a loop
+        timeout_worker_healthcheck=60,
+    )
+
+
+auth_app = typer.Typer(help="Access tokens for the service", no_args_is_help=True)
+app.add_typer(auth_app, name="auth")
+
+
+@auth_app.command("new-token")
+def auth_new_token(
+    user: str,
+    group: Annotated[list[str] | None, typer.Option("--group", "-g", help="a group (repeat)")] = None,
+) -> None:
+    """Make a random API token for USER: prints the token once (give it to the user) and the line to add
+    to the service configuration (only the token's SHA-256 is stored)."""
+    from api.auth import new_token
+
+    token = new_token(user, group or [])
+    typer.echo(f"token (give it to {user}; it is not stored anywhere): {token.token}")
+    typer.echo("add to the configuration (or the DAC_AUTH_TOKENS_FILE):")
+    typer.echo(token.config_entry)
+
+
 # ---------------------------------------------------------------------- demo
 @app.command("demo")
 def demo(

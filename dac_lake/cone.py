@@ -28,7 +28,6 @@ import pyarrow.parquet as pq
 from dac_lake.adql.geom import BAND_EPS
 from dac_lake.coverage import cone_ranges29
 from dac_lake.healpix import SPATIAL_INDEX_COLUMN, pixel_range29
-from dac_lake.layout import pixel_file
 from dac_lake.registry import LakeTable
 from dac_lake.storage import LakeStorage
 
@@ -105,14 +104,14 @@ class ConeReader:
                 return found
         md = pq.read_metadata(self.storage.path(rel), filesystem=self.storage.pa_fs)
         names = [md.schema.column(i).name for i in range(md.num_columns)]
-        col = names.index(SPATIAL_INDEX_COLUMN)
+        col = names.index(SPATIAL_INDEX_COLUMN) if SPATIAL_INDEX_COLUMN in names else None
         n = md.num_row_groups
         lo = np.empty(n, dtype=np.int64)
         hi = np.empty(n, dtype=np.int64)
         rows = np.empty(n, dtype=np.int64)
         for i in range(n):
             rg = md.row_group(i)
-            stats = rg.column(col).statistics
+            stats = rg.column(col).statistics if col is not None else None
             rows[i] = rg.num_rows
             if stats is None or not stats.has_min_max:  # no statistics: the row group may hold anything
                 lo[i], hi[i] = 0, np.iinfo(np.int64).max
@@ -176,7 +175,7 @@ class ConeReader:
         pindex = self.partition_index(lt)
         touched = _touching(pindex, ranges)
         out = ConeRead(pa.table({}), np.empty(0), total_files=len(pindex.partitions), ranges=ranges)
-        out.files = [f"{lt.dataset_prefix}/{pixel_file(order, pixel)}" for order, pixel, _ in touched]
+        out.files = lt.files(touched)
         plan, rows = self.select(out.files, ranges)
         if rows > MAX_FAST_ROWS:
             raise TooLarge(rows)
@@ -241,11 +240,9 @@ def _touching(index: PartitionIndex, ranges: np.ndarray) -> list[tuple[int, int,
 
 
 def _empty(lt: LakeTable, reader: ConeReader, plan: list, columns: list[str], touched: list) -> pa.Table:
-    """No row in the cone: an empty table with the columns' Parquet types (from any file's footer)."""
+    """No row in the cone: an empty table with the columns' Parquet types (from a footer)."""
     if plan:
         schema = plan[0][1].metadata.schema.to_arrow_schema()
     else:
-        order, pixel, _ = touched[0] if touched else lt.manifest["partitions"][0]
-        schema = reader.file_index(f"{lt.dataset_prefix}/{pixel_file(order, pixel)}").metadata.schema
-        schema = schema.to_arrow_schema()
+        schema = reader.file_index(lt.schema_file).metadata.schema.to_arrow_schema()
     return pa.schema([schema.field(c).remove_metadata() for c in columns]).empty_table()

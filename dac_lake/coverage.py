@@ -96,6 +96,30 @@ def partitions_touching(
     return out
 
 
+def points_ranges29(ra: np.ndarray, dec: np.ndarray, radius_deg: float) -> np.ndarray:
+    """`_healpix_29` ranges covering every position's cone of `radius_deg` (the on-the-fly HEALPix index
+    of an uploaded table: a cross-match with it reads only the lake partitions near its rows)."""
+    from mocpy import MOC
+
+    ra = np.asarray(ra, dtype=np.float64)
+    dec = np.asarray(dec, dtype=np.float64)
+    ok = np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90)
+    if not ok.any():
+        return np.empty((0, 2), dtype=np.int64)
+    radius = float(min(max(radius_deg, 1e-9), 180.0))
+    # coarse enough that a large upload stays a modest MOC; fine enough to hug small cones
+    depth = min(_range_order(radius), 12)
+    moc = MOC.from_cones(
+        lon=Longitude(ra[ok] % 360, u.deg),
+        lat=Latitude(dec[ok], u.deg),
+        radius=radius * u.deg,
+        max_depth=depth,
+        union_strategy="small_cones",
+        n_threads=1,
+    )
+    return np.asarray(moc.to_depth29_ranges, dtype=np.int64).reshape(-1, 2)
+
+
 def region_moc(region, extra_deg: float = 0.0, max_depth: int | None = None):
     """A MOC (mocpy) covering an ADQL region grown by `extra_deg`, or None if it cannot be grown
     (a polygon with a cross-match radius: the caller then reads the whole table)."""

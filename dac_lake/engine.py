@@ -21,10 +21,12 @@ Where the time goes, and what keeps it short (bench/query, README "figures"):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -33,12 +35,20 @@ import pyarrow as pa
 from dac_lake import xmatch
 from dac_lake.adql import CrossMatch, OutputColumn, TableRef, Translation, translate
 from dac_lake.adql.errors import AdqlUnknownTable
+from dac_lake.adql.model import TableMeta
 from dac_lake.cone import ConeReader, TooLarge, row_groups_meeting
-from dac_lake.coverage import partitions_touching, regions_ranges29
+from dac_lake.coverage import partitions_touching, points_ranges29, regions_ranges29
+from dac_lake.healpix import healpix29
 from dac_lake.lake import Lake
-from dac_lake.layout import pixel_file
 from dac_lake.registry import LakeRegistry, LakeTable
-from dac_lake.sandbox import CellKey, QueryTimeout, SandboxDatabase, SandboxError, SandboxLimits, SandboxQuery
+from dac_lake.sandbox import (
+    CellKey,
+    QueryTimeout,
+    SandboxDatabase,
+    SandboxError,
+    SandboxLimits,
+    SandboxQuery,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +64,82 @@ SMALL_SCAN_FILES = 16
 #: a cross-match's expanded side is filtered to the anchor's neighbourhood only when that leaves at most
 #: this fraction of the rows of its files' row groups
 PRUNE_WORTHWHILE = 0.5
+#: the HEALPix index computed for an in-memory table in a neighbour cross-match (a name no upload can use:
+#: the translator reserves `__dac_` prefixes)
+MEMORY_INDEX_COLUMN = "__dac_healpix_29"
 #: connections of an engine's database: queries running at once (more wait for a free one)
 DEFAULT_CONNECTIONS = 8
+
+
+@dataclass(frozen=True)
+class MemoryTable:
+    """A table that lives in memory for one query: a TAP upload (`TAP_UPLOAD.x`) or TAP_SCHEMA.
+
+    `table` holds the columns named in `meta.columns`. If `meta` names RA/Dec columns, a cross-match of a
+    lake catalog with it reads only the lake partitions near its positions (the upload is HEALPix-indexed
+    on the fly).
+    """
+
+    meta: TableMeta
+    table: pa.Table = field(hash=False, compare=False)
+
+
+class QueryCancelled(RuntimeError):
+    """The query was cancelled through its `QueryControl` (an aborted async job)."""
+
+
+class QueryControl:
+    """A handle on a running query from another thread: cancel it, read its progress.
+
+    The TAP async runner creates one per job; the engine binds it to the query's sandbox connection while
+    the query runs (cancel interrupts that connection only).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._sandbox: SandboxQuery | None = None
+        self.files_total = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._sandbox is not None:
+                self._sandbox.interrupt()
+
+    def progress(self) -> float | None:
+        """Fraction done (DuckDB's estimate) of the running query, None before it starts or when unknown."""
+        with self._lock:
+            return None if self._sandbox is None else self._sandbox.progress()
+
+    def describe(self) -> str:
+        """Progress for people: 'partitions ~3/17 (18%)'."""
+        frac = self.progress()
+        if frac is None:
+            return "waiting" if not self._cancelled else "cancelled"
+        done = round(frac * self.files_total)
+        return f"partitions ~{done}/{self.files_total} ({frac:.0%})"
+
+    def _bind(self, sandbox: SandboxQuery | None) -> None:
+        with self._lock:
+            self._sandbox = sandbox
+            if sandbox is not None and self._cancelled:
+                sandbox.interrupt()
+
+
+class _QueryRegistry:
+    """The translator's view: the caller's lake tables plus this query's memory tables."""
+
+    def __init__(self, registry: LakeRegistry, memory_tables: Sequence[MemoryTable]):
+        self._registry = registry
+        self._memory = list(memory_tables)
+
+    def tables(self) -> list[TableMeta]:
+        return self._registry.tables() + [m.meta for m in self._memory]
 
 
 @dataclass
@@ -116,7 +200,8 @@ def effective_regions(
         return ref.regions, 0.0
     by_relation = {r.relation: r for r in refs}
     for cm in crossmatches:
-        if ref.relation in (cm.left, cm.right):
+        # the preserved side of an outer join keeps its unmatched rows: it cannot borrow a region
+        if ref.relation in (cm.left, cm.right) and ref.relation in cm.expandable:
             other = by_relation.get(cm.right if ref.relation == cm.left else cm.left)
             if other is not None and other.regions:
                 return other.regions, cm.radius_deg
@@ -127,17 +212,15 @@ def plan_scan(lt: LakeTable, ref: TableRef, regions: list, extra_deg: float = 0.
     partitions = lt.manifest["partitions"]
     ranges = regions_ranges29(regions, extra_deg) if regions else None
     touched = partitions if ranges is None else partitions_touching(partitions, ranges)
-    files = [f"{lt.dataset_prefix}/{pixel_file(o, p)}" for o, p, _ in touched]
-    rows = sum(int(n) for _, _, n in touched)
-    return ScanPlan(ref.relation, lt.qualified_name, files, len(partitions), ranges, rows)
+    rows = sum(int(p[2]) for p in touched)
+    return ScanPlan(ref.relation, lt.qualified_name, lt.files(touched), len(partitions), ranges, rows)
 
 
 def _restrict(lt: LakeTable, plan: ScanPlan, ranges: np.ndarray) -> ScanPlan:
     """`plan` further limited to `ranges` (the neighbourhood of a cross-match's anchor side)."""
     both = xmatch.intersect_ranges(plan.ranges, ranges)
     touched = partitions_touching(lt.manifest["partitions"], both)
-    files = [f"{lt.dataset_prefix}/{pixel_file(o, p)}" for o, p, _ in touched]
-    return replace(plan, files=files, ranges=both, rows=sum(int(n) for _, _, n in touched))
+    return replace(plan, files=lt.files(touched), ranges=both, rows=sum(int(p[2]) for p in touched))
 
 
 class QueryEngine:
@@ -198,7 +281,8 @@ class QueryEngine:
                 if (t.catalog, t.release) in seen:
                     continue
                 seen.add((t.catalog, t.release))
-                files.extend(f"{t.dataset_prefix}/{pixel_file(o, p)}" for o, p, _ in t.manifest["partitions"])
+                files.extend(t.files(t.manifest["partitions"]))
+                files.append(t.schema_file)
             new = SandboxDatabase(
                 self.lake.storage, files, lim, connections=self.connections, io_log=self.io_log
             )
@@ -227,22 +311,28 @@ class QueryEngine:
             )
         return limits
 
-    def _translate(self, text: str, maxrec: int | None) -> Translation:
+    def _translate(
+        self, text: str, maxrec: int | None, memory_tables: Sequence[MemoryTable] = ()
+    ) -> Translation:
         """Translate, remembering recent translations: TAP clients and SCS repeat the same queries. The
-        key includes the tables visible now, so a new release or changed data rights never reuse a stale
-        plan."""
-        key = (text, maxrec, self._visible())
+        key includes the tables visible now (and the query's in-memory tables), so a new release or
+        changed data rights never reuse a stale plan."""
+        key = (text, maxrec, self._visible(), tuple(m.meta for m in memory_tables))
         with self._translations_lock:
             cached = self._translations.get(key)
             if cached is not None:
                 self._translations.move_to_end(key)
                 return cached
-        translation = translate(text, self.registry, maxrec=maxrec)
+        translation = translate(text, _QueryRegistry(self.registry, memory_tables), maxrec=maxrec)
         with self._translations_lock:
             self._translations[key] = translation
             if len(self._translations) > TRANSLATION_CACHE_SIZE:
                 self._translations.popitem(last=False)
         return translation
+
+    def translate(self, text: str, maxrec: int | None = None, memory_tables: Sequence[MemoryTable] = ()):
+        """The translation alone (validation of a query before an async job runs it)."""
+        return self._translate(text, maxrec, memory_tables)
 
     def find_table(self, name: str) -> LakeTable:
         """A visible table from 'catalog', 'catalog.table', 'schema.table' or '"catalog@release".table'."""
@@ -258,27 +348,208 @@ class QueryEngine:
         raise AdqlUnknownTable(f"no table {name!r}; tables: {known}")
 
     # ------------------------------------------------------------------ ADQL
-    def adql(self, text: str, maxrec: int | None = None, timeout_s: float | None = None) -> QueryResult:
-        t0 = time.perf_counter()
-        translation = self._translate(text, maxrec)
-        return self._run(translation, maxrec, timeout_s, t0)
-
-    def _run(
-        self, translation: Translation, maxrec: int | None, timeout_s: float | None, t0: float
+    def adql(
+        self,
+        text: str,
+        maxrec: int | None = None,
+        timeout_s: float | None = None,
+        memory_tables: Sequence[MemoryTable] = (),
+        control: QueryControl | None = None,
     ) -> QueryResult:
-        with self._open_query(self._query_limits(maxrec, timeout_s)) as q:
-            scans, notes = self._define_relations(q, translation)
-            table = q.execute(translation.sql)
-            profile = q.last_profile
+        """Run ADQL, return the whole result (at most `maxrec` rows; `overflow`: there were more)."""
+        stream = self.stream(text, maxrec, timeout_s, memory_tables, control)
+        with stream:
+            batches = list(stream)
+            table = pa.Table.from_batches(batches, schema=stream.schema)
+        return QueryResult(
+            table=table,
+            columns=stream.columns,
+            overflow=stream.overflow,
+            sql=stream.sql,
+            scans=stream.scans,
+            profile=stream.profile,
+            seconds=stream.seconds,
+        )
+
+    def stream(
+        self,
+        text: str,
+        maxrec: int | None = None,
+        timeout_s: float | None = None,
+        memory_tables: Sequence[MemoryTable] = (),
+        control: QueryControl | None = None,
+    ) -> QueryStream:
+        """Run ADQL and hand back the result as Arrow batches, never holding it whole (TAP streams it out).
+
+        Translation errors, refusals and planning happen here, before any byte is sent; the time limit runs
+        until the stream is drained or closed, and the query holds one of the engine database's
+        connections until then.
+        """
+        t0 = time.perf_counter()
+        translation = self._translate(text, maxrec, memory_tables)
+        if control is not None and control.cancelled:
+            raise QueryCancelled("the query was cancelled before it started")
+        q = self._open_query(self._query_limits(maxrec, timeout_s))
+        try:
+            if control is not None:
+                control._bind(q)  # a cancel during planning (a cross-match's anchor cells) stops it too
+            scans, notes = self._define_relations(q, translation, memory_tables)
+            if control is not None:
+                control.files_total = sum(len(s.files) for s in scans)
+            reader = q.stream(translation.sql)
+        except BaseException as exc:
+            if control is not None:
+                control._bind(None)
+            q.close()
+            if control is not None and control.cancelled and isinstance(exc, SandboxError | QueryTimeout):
+                raise QueryCancelled("the query was cancelled") from exc
+            raise
+        return QueryStream(self, translation, q, reader, scans, notes, maxrec, control, t0)
+
+    def _plan(
+        self,
+        lt: LakeTable,
+        ref: TableRef,
+        translation: Translation,
+        by_relation: dict[str, TableRef],
+        memory: dict[tuple[str, str], MemoryTable],
+    ) -> ScanPlan:
+        """Which files of `lt` to read: its own regions, the other side's regions grown by a cross-match
+        radius, or, band-matched against an in-memory table with positions (an upload), the HEALPix cells
+        around those positions (a neighbour cross-match restricts itself later, from the anchor's cells)."""
+        if not ref.regions:
+            for cm in translation.crossmatches:
+                if ref.relation not in (cm.left, cm.right) or ref.relation not in cm.expandable:
+                    continue
+                other = by_relation.get(cm.right if ref.relation == cm.left else cm.left)
+                if other is None or cm.key is not None:
+                    continue
+                mem = memory.get((other.table.schema.lower(), other.table.name.lower()))
+                if mem is not None and mem.meta.ra_column and mem.meta.dec_column:
+                    ranges = points_ranges29(
+                        mem.table.column(mem.meta.ra_column).to_numpy(zero_copy_only=False),
+                        mem.table.column(mem.meta.dec_column).to_numpy(zero_copy_only=False),
+                        cm.radius_deg,
+                    )
+                    partitions = lt.manifest["partitions"]
+                    touched = partitions_touching(partitions, ranges)
+                    rows = sum(int(p[2]) for p in touched)
+                    return ScanPlan(
+                        ref.relation, lt.qualified_name, lt.files(touched), len(partitions), ranges, rows
+                    )
+        regions, grow = effective_regions(ref, translation.table_refs, translation.crossmatches)
+        return plan_scan(lt, ref, regions, grow)
+
+    def _define_relations(
+        self, q: SandboxQuery, translation: Translation, memory_tables: Sequence[MemoryTable] = ()
+    ) -> tuple[list[ScanPlan], list[dict]]:
+        """One relation per table reference (lake tables: files or a pyarrow read; in-memory tables: Arrow
+        relations of this query's connection). For a neighbour cross-match, the anchor side first (with
+        its cell key), then its distinct cells, the neighbour table and the expanded side restricted to the
+        anchor's neighbourhood (files and row groups near no anchor row are not read)."""
+        refs = translation.table_refs
+        by_relation = {r.relation: r for r in refs}
+        memory = {(m.meta.schema.lower(), m.meta.name.lower()): m for m in memory_tables}
+        mems: dict[str, MemoryTable] = {}
+        tables: dict[str, LakeTable] = {}
+        plans: dict[str, ScanPlan] = {}
+        for ref in refs:
+            mem = memory.get((ref.table.schema.lower(), ref.table.name.lower()))
+            if mem is not None:
+                mems[ref.relation] = mem
+                continue
+            lt = self.registry.find(ref.table.schema, ref.table.name)
+            if lt is None:
+                raise RuntimeError(f"translator returned unknown table {ref.table.schema}.{ref.table.name}")
+            tables[ref.relation] = lt
+            plans[ref.relation] = self._plan(lt, ref, translation, by_relation, memory)
+        defined: set[str] = set()
+        notes: list[dict] = []
+        for i, cm in enumerate(translation.crossmatches):
+            if cm.key is None or cm.order is None:
+                continue
+            t_start = time.perf_counter()
+            rows = {rel: plan.rows for rel, plan in plans.items()}
+            rows.update({rel: m.table.num_rows for rel, m in mems.items()})
+            anchor, expanded = xmatch.choose_anchor(cm.left, cm.right, cm.expandable, rows)
+            shift = xmatch.key_shift(cm.order)
+            join_shift = xmatch.key_shift(xmatch.join_order(cm.order))
+            if anchor in mems:
+                self._define_memory(q, anchor, mems[anchor], [CellKey(cm.key, shift)])
+            else:
+                self._define(q, tables[anchor], plans[anchor], [CellKey(cm.key, shift)])
+            cells = np.asarray(
+                q.distinct_cells(anchor, cm.key).to_numpy(zero_copy_only=False), dtype=np.int64
+            )
+            cells = cells[cells >= 0]  # -1: an in-memory row without a valid position
+            neighbours = f"__dac_nb{i}"
+            table = xmatch.neighbour_table(cells, cm.order)
+            q.register_table(neighbours, table, hidden=True)
+            key = CellKey(cm.key, join_shift, neighbours)
+            if expanded in mems:
+                self._define_memory(q, expanded, mems[expanded], [key])
+            else:
+                near = xmatch.neighbourhood_ranges29(cells, cm.order, MAX_RANGE_PREDICATES)
+                restricted = _restrict(tables[expanded], plans[expanded], near)
+                kept, total = self._rows_in_ranges(restricted.files, restricted.ranges)
+                if kept > PRUNE_WORTHWHILE * total:
+                    # DuckDB tests an OR of ranges on every row it reads: an all-sky anchor's neighbourhood
+                    # (~150 ranges around 10M rows: 2x the join's CPU, measured) costs more than it prunes
+                    restricted = replace(restricted, ranges=plans[expanded].ranges)
+                plans[expanded] = restricted
+                self._define(q, tables[expanded], plans[expanded], [key])
+            defined |= {anchor, expanded}
+            notes.append(
+                {
+                    "anchor": anchor,
+                    "expanded": expanded,
+                    "order": cm.order,
+                    "anchor_cells": len(cells),
+                    "neighbour_rows": table.num_rows,
+                    "expanded_files": len(plans[expanded].files) if expanded in plans else 0,
+                    "plan_s": round(time.perf_counter() - t_start, 4),
+                }
+            )
+        for ref in refs:
+            if ref.relation in defined:
+                continue
+            if ref.relation in mems:
+                q.register_table(ref.relation, mems[ref.relation].table)
+            else:
+                self._define(q, tables[ref.relation], plans[ref.relation])
+        return [plans[ref.relation] for ref in refs if ref.relation in plans], notes
+
+    @staticmethod
+    def _define_memory(q: SandboxQuery, relation: str, mem: MemoryTable, keys: list[CellKey]) -> None:
+        """An in-memory table in a neighbour cross-match: registered hidden with its HEALPix index computed
+        on the fly (-1 where the position is missing or invalid), and a view with the key over it."""
+        ra = np.asarray(mem.table.column(mem.meta.ra_column).to_numpy(zero_copy_only=False), dtype=np.float64)
+        dec = np.asarray(
+            mem.table.column(mem.meta.dec_column).to_numpy(zero_copy_only=False), dtype=np.float64
+        )
+        ok = np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90)
+        index = np.full(len(ra), -1, dtype=np.int64)
+        if ok.any():
+            index[ok] = healpix29(ra[ok] % 360.0, dec[ok])
+        table = mem.table.append_column(MEMORY_INDEX_COLUMN, pa.array(index))
+        hidden = f"__dac_m{relation}"
+        q.register_table(hidden, table, hidden=True)
+        q.define_view(relation, hidden, keys, index_column=MEMORY_INDEX_COLUMN)
+
+    def _finish(
+        self, q: SandboxQuery, scans: list[ScanPlan], notes: list[dict], rows: int, t0: float
+    ) -> dict:
+        """The profile of a finished SQL query, and its log line."""
+        profile = q.last_profile
         if notes:
             profile["crossmatches"] = notes
         profile["row_groups"] = {s.relation: self._row_groups_selected(s) for s in scans}
         io = profile.get("io")
         log.info(
             "query: %d rows in %.3f s; files %s; row groups %s%s",
-            table.num_rows,
+            rows,
             time.perf_counter() - t0,
-            ", ".join(f"{s.table} {len(s.files)}/{s.total_files}" for s in scans),
+            ", ".join(f"{s.table} {len(s.files)}/{s.total_files}" for s in scans) or "none",
             ", ".join(
                 f"{rel} {v['selected']}/{v['in_files']}" if v else f"{rel} all"
                 for rel, v in profile["row_groups"].items()
@@ -287,75 +558,7 @@ class QueryEngine:
             if io
             else "",
         )
-        overflow = maxrec is not None and table.num_rows > maxrec
-        if overflow:
-            table = table.slice(0, maxrec)
-        return QueryResult(
-            table=table,
-            columns=translation.columns,
-            overflow=overflow,
-            sql=translation.sql,
-            scans=scans,
-            profile=profile,
-            seconds=time.perf_counter() - t0,
-        )
-
-    def _define_relations(
-        self, q: SandboxQuery, translation: Translation
-    ) -> tuple[list[ScanPlan], list[dict]]:
-        """One relation per table reference; for a neighbour cross-match, the anchor side first (with its
-        cell key), then its distinct cells, the neighbour table and the expanded side restricted to the
-        anchor's neighbourhood (files and row groups near no anchor row are not read)."""
-        refs = translation.table_refs
-        tables: dict[str, LakeTable] = {}
-        plans: dict[str, ScanPlan] = {}
-        for ref in refs:
-            lt = self.registry.find(ref.table.schema, ref.table.name)
-            assert lt is not None, f"translator returned unknown table {ref.table.schema}.{ref.table.name}"
-            regions, grow = effective_regions(ref, refs, translation.crossmatches)
-            tables[ref.relation] = lt
-            plans[ref.relation] = plan_scan(lt, ref, regions, grow)
-        defined: set[str] = set()
-        notes: list[dict] = []
-        for i, cm in enumerate(translation.crossmatches):
-            if cm.key is None or cm.order is None:
-                continue
-            t_start = time.perf_counter()
-            rows = {rel: plan.rows for rel, plan in plans.items()}
-            anchor, expanded = xmatch.choose_anchor(cm.left, cm.right, cm.expandable, rows)
-            shift = xmatch.key_shift(cm.order)
-            join_shift = xmatch.key_shift(xmatch.join_order(cm.order))
-            self._define(q, tables[anchor], plans[anchor], [CellKey(cm.key, shift)])
-            cells = np.asarray(
-                q.distinct_cells(anchor, cm.key).to_numpy(zero_copy_only=False), dtype=np.int64
-            )
-            neighbours = f"__dac_nb{i}"
-            table = xmatch.neighbour_table(cells, cm.order)
-            q.register_table(neighbours, table, hidden=True)
-            near = xmatch.neighbourhood_ranges29(cells, cm.order, MAX_RANGE_PREDICATES)
-            restricted = _restrict(tables[expanded], plans[expanded], near)
-            kept, total = self._rows_in_ranges(restricted.files, restricted.ranges)
-            if kept > PRUNE_WORTHWHILE * total:
-                # DuckDB tests an OR of ranges on every row it reads: an all-sky anchor's neighbourhood
-                # (~150 ranges around 10M rows: 2x the join's CPU, measured) costs more than it prunes
-                restricted = replace(restricted, ranges=plans[expanded].ranges)
-            plans[expanded] = restricted
-            self._define(q, tables[expanded], plans[expanded], [CellKey(cm.key, join_shift, neighbours)])
-            defined |= {anchor, expanded}
-            notes.append(
-                {
-                    "anchor": anchor,
-                    "expanded": expanded,
-                    "order": cm.order,
-                    "anchor_cells": len(cells),
-                    "expanded_files": len(plans[expanded].files),
-                    "plan_s": round(time.perf_counter() - t_start, 4),
-                }
-            )
-        for ref in refs:
-            if ref.relation not in defined:
-                self._define(q, tables[ref.relation], plans[ref.relation])
-        return [plans[ref.relation] for ref in refs], notes
+        return profile
 
     def _row_groups_selected(self, scan: ScanPlan) -> dict | None:
         """{selected, in_files, rows_selected} for a scan with `_healpix_29` ranges: the row groups whose
@@ -417,7 +620,7 @@ class QueryEngine:
             ranges = None
         files = plan.files
         if not files:  # empty coverage: a view with the right columns and no rows
-            files = [f"{lt.dataset_prefix}/{pixel_file(*lt.manifest['partitions'][0][:2])}"]
+            files = [lt.schema_file]
             ranges = np.empty((0, 2), dtype=np.int64)
         q.define_relation(plan.relation, files, healpix_ranges=ranges, keys=keys or ())
 
@@ -515,6 +718,90 @@ class QueryEngine:
             found.rows_read,
         )
         return QueryResult(table, columns, overflow, "", [scan], profile, seconds)
+
+
+class QueryStream:
+    """A running query's result as Arrow record batches (iterate it, or use it as a context manager).
+
+    At most `maxrec` rows are yielded; `overflow` becomes true once the row beyond `maxrec` was seen, i.e.
+    it is final when the iteration has ended (TAP writes its OVERFLOW marker after the table). Closing it
+    (or reaching its end) gives the query's connection back to the engine's database.
+    """
+
+    def __init__(
+        self,
+        engine: QueryEngine,
+        translation: Translation,
+        query: SandboxQuery,
+        reader: pa.RecordBatchReader,
+        scans: list[ScanPlan],
+        notes: list[dict],
+        maxrec: int | None,
+        control: QueryControl | None,
+        started: float,
+    ):
+        self.translation = translation
+        self.columns: list[OutputColumn] = translation.columns
+        self.sql = translation.sql
+        self.schema: pa.Schema = reader.schema
+        self.scans = scans
+        self.maxrec = maxrec
+        self.overflow = False
+        self.rows = 0
+        self.profile: dict = {}
+        self.seconds = 0.0
+        self._engine = engine
+        self._query = query
+        self._reader = reader
+        self._notes = notes
+        self._control = control
+        self._started = started
+        self._closed = False
+
+    def __enter__(self) -> QueryStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        try:
+            for batch in self._reader:
+                if self.maxrec is not None and self.rows + batch.num_rows > self.maxrec:
+                    batch = batch.slice(0, self.maxrec - self.rows)
+                    self.overflow = True
+                if batch.num_rows:
+                    self.rows += batch.num_rows
+                    yield batch
+                if self.overflow:
+                    break
+        except (SandboxError, QueryTimeout) as exc:
+            if self._control is not None and self._control.cancelled:
+                raise QueryCancelled("the query was cancelled") from exc
+            raise
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._reader.close()
+        if self._control is not None:
+            self._control._bind(None)
+        try:
+            self.profile = self._engine._finish(
+                self._query, self.scans, self._notes, self.rows, self._started
+            )
+        finally:
+            self._query.close()
+        self.seconds = time.perf_counter() - self._started
+
+    def explain(self) -> dict:
+        return QueryResult(
+            pa.table({}), self.columns, self.overflow, self.sql, self.scans, self.profile, self.seconds
+        ).explain()
 
 
 def cone_adql(

@@ -4,6 +4,10 @@ Naming (ADQL `schema.table`): the schema is the catalog, the table is the defini
 `main`), so `demo_survey.source` is the *current* release. A specific release is the schema
 `"<catalog>@<release>"` (a delimited identifier: `SELECT * FROM "demo_survey@dr1".source`), so old releases
 stay queryable after a new one is published, without ever being confused with the current one.
+
+Alert streams (`dac_lake.alerts`) add one schema per stream with its tables: `ztf.detections`, `ztf.objects`,
+`ztf.upper_limits`, `ztf.alerts`, always at the stream's newest snapshot. Their partitions are folders of
+files, so the engine asks `LakeTable.files` for the files of the partitions it reads.
 """
 
 from __future__ import annotations
@@ -15,6 +19,14 @@ from dataclasses import dataclass, field
 
 from dac_lake import layout
 from dac_lake.adql import ColumnMeta, TableMeta
+from dac_lake.alerts import layout as alert_layout
+from dac_lake.alerts.snapshots import (
+    AlertLakeError,
+    SnapshotStore,
+    list_streams,
+    read_stream_config,
+    registry_manifest,
+)
 from dac_lake.lake import Lake
 
 log = logging.getLogger(__name__)
@@ -39,7 +51,31 @@ class LakeTable:
 
     @property
     def dataset_prefix(self) -> str:
+        if "dataset_prefix" in self.manifest:  # an alert table
+            return self.manifest["dataset_prefix"]
         return f"{layout.release_prefix(self.catalog, self.release)}/{self.manifest['catalog_path']}/dataset"
+
+    def files(self, partitions) -> list[str]:
+        """Lake paths of the data files of `partitions` ((order, pixel, rows) items of the manifest): one
+        file per partition for a release; for an alert table, the files its snapshot lists (a partition is
+        a folder of batch files, and only the snapshot says which of them are committed)."""
+        pixel_files = self.manifest.get("pixel_files")
+        if pixel_files is None:
+            return [f"{self.dataset_prefix}/{layout.pixel_file(o, p)}" for o, p, *_ in partitions]
+        return [
+            f"{self.dataset_prefix}/{alert_layout.pixel_dir(o, p)}/{name}"
+            for o, p, *_ in partitions
+            for name in pixel_files.get(f"{o}/{p}", ())
+        ]
+
+    @property
+    def schema_file(self) -> str:
+        """A file with the table's schema, for a view that must have the columns but no rows (a coverage
+        that touches no partition, or an alert table with no rows yet)."""
+        partitions = self.manifest.get("partitions") or []
+        if "pixel_files" in self.manifest or not partitions:
+            return f"{self.dataset_prefix}/_common_metadata"
+        return self.files(partitions[:1])[0]
 
     @property
     def margin_prefix(self) -> str | None:
@@ -119,6 +155,33 @@ class LakeRegistry:
                     out.append(
                         LakeTable(_table_meta(schema, definition), catalog, release, manifest, definition)
                     )
+        out += self._alert_tables({t.catalog for t in out} | set(self.lake.catalogs()))
+        return out
+
+    def _alert_tables(self, taken: set[str]) -> list[LakeTable]:
+        """The tables of each alert stream at its newest snapshot (none before its first commit)."""
+        storage = self.lake.storage
+        out: list[LakeTable] = []
+        for stream in list_streams(storage):
+            try:
+                config = read_stream_config(storage, stream)
+                snapshot = SnapshotStore(storage, stream).latest() if config is not None else None
+            except (AlertLakeError, ValueError, KeyError) as exc:
+                log.warning("alert stream %s is unreadable and not queryable: %s", stream, exc)
+                continue
+            if config is None or snapshot is None:
+                continue
+            if stream in taken:
+                log.warning("alert stream %s has the name of a catalog: not queryable", stream)
+                continue
+            for table in alert_layout.TABLES:
+                definition = dict(config.definitions[table])
+                definition["groups"] = list(config.groups)
+                if not readable(definition, self.groups):
+                    break  # a stream's tables share its groups
+                manifest = registry_manifest(config, snapshot, table)
+                meta = _table_meta(stream, definition)
+                out.append(LakeTable(meta, stream, f"snapshot-{snapshot.seq:06d}", manifest, definition))
         return out
 
 

@@ -310,7 +310,10 @@ def _instance_config(limits: SandboxLimits, tmp: str) -> dict[str, Any]:
 
 def _configure_connection(con: duckdb.DuckDBPyConnection, profile: bool) -> None:
     """The per-connection settings (DuckDB scopes them LOCAL), set before the instance is locked."""
-    con.execute("SET enable_progress_bar = false")  # a server has no terminal to draw on
+    # progress is tracked (async jobs report it) but never drawn: a server has no terminal
+    con.execute("SET enable_progress_bar = true")
+    con.execute("SET enable_progress_bar_print = false")
+    con.execute("SET progress_bar_time = 0")
     con.execute("SET parquet_metadata_cache = true")  # footers parsed once per instance, not per query
     if profile:
         con.execute("SET enable_profiling = 'no_output'")
@@ -385,11 +388,13 @@ def _check_name(name: str, what: str = "relation") -> None:
 
 def _view_sql(
     name: str,
-    paths: Sequence[str],
+    paths: Sequence[str] | None,
     columns: Sequence[str] | None,
     healpix_ranges: Any,
     keys: Sequence[CellKey],
     temp: bool,
+    source: str | None = None,
+    index_column: str = "_healpix_29",
 ) -> str:
     """CREATE VIEW over exactly `paths`, built from validated names and integers only (no text from a
     query ever gets here). Hive partitioning is off: HATS paths (`Norder=3/Dir=0/Npix=12.parquet`) would
@@ -409,7 +414,7 @@ def _view_sql(
         shift = int(key.shift)
         if not 0 <= shift <= 58:
             raise ValueError(f"key {key.column}: shift {shift} out of range")
-        cell = f"(t._healpix_29 >> {shift})"
+        cell = f"(t.{_quote_ident(index_column)} >> {shift})"
         if key.neighbours is None:
             select += f", {cell} AS {_quote_ident(key.column)}"
         else:
@@ -417,11 +422,15 @@ def _view_sql(
             alias = f"n{i}"
             select += f", {alias}.a AS {_quote_ident(key.column)}"
             joins.append(f" JOIN {_quote_ident(key.neighbours)} AS {alias} ON {cell} = {alias}.e")
-    listing = ", ".join(_quote_literal(p) for p in paths)
+    if source is not None:  # a registered (hidden) relation of the same connection
+        scan = _quote_ident(source)
+    else:
+        listing = ", ".join(_quote_literal(p) for p in paths or ())
+        scan = f"read_parquet([{listing}], hive_partitioning = false)"
     where = "" if healpix_ranges is None else " WHERE " + _healpix_filter(healpix_ranges, "t._healpix_29")
     return (
         f"CREATE {'TEMP ' if temp else ''}VIEW {_quote_ident(name)} AS SELECT {select} "
-        f"FROM read_parquet([{listing}], hive_partitioning = false) AS t{''.join(joins)}{where}"
+        f"FROM {scan} AS t{''.join(joins)}{where}"
     )
 
 
@@ -487,6 +496,22 @@ class _Runner:
     def _check_open(self) -> None:
         if self._closed:
             raise SandboxError("the sandbox is closed")
+
+    def progress(self) -> float | None:
+        """Fraction (0-1) of the running query done, as DuckDB estimates it; None when unknown."""
+        if self._closed:
+            return None
+        try:
+            pct = self._con.query_progress()
+        except duckdb.Error:
+            return None
+        return None if pct is None or pct < 0 else min(1.0, pct / 100.0)
+
+    def interrupt(self) -> None:
+        """Stop the running query (a cancelled async job); the sandbox stays usable."""
+        if not self._closed:
+            with contextlib.suppress(Exception):
+                self._con.interrupt()
 
     # validation ---------------------------------------------------------------------------------------
     def check(self, sql: str) -> None:
@@ -991,6 +1016,26 @@ class Sandbox(_Runner):
         self._relations[name.lower()] = paths
         self._files.update(paths)
 
+    def define_arrow_relation(self, name: str, table: pa.Table) -> None:
+        """Make an in-memory Arrow table (a TAP upload, TAP_SCHEMA) readable as `name`.
+
+        Registered explicitly on this connection (replacement scans stay off), so it is visible to this
+        sandbox's queries only; like files, only before `lock()`.
+        """
+        self._check_open()
+        if self._locked:
+            raise SandboxError("define_arrow_relation() after lock(): relations are fixed once locked")
+        _check_name(name)
+        if name.lower() in self._relations:
+            raise ValueError(f"relation {name!r} is already defined")
+        if not isinstance(table, pa.Table):
+            raise TypeError(f"relation {name!r}: expected a pyarrow.Table, got {type(table).__name__}")
+        try:
+            self._con.register(name, table)
+        except duckdb.Error as exc:
+            raise SandboxError(f"cannot define relation {name!r}: {_first_line(exc)}") from exc
+        self._relations[name.lower()] = []
+
     def lock(self, scope: Literal["files", "lake"] = "files") -> None:
         """Freeze the connection: only the views' files (scope="files", the default) or the lake root
         (scope="lake") stay readable, nothing else (see `_lock_instance`)."""
@@ -1295,6 +1340,32 @@ class SandboxQuery(_Runner):
         self._views.append(name)
         self._relations[name.lower()] = paths
         self._files.update(paths)
+
+    def define_arrow_relation(self, name: str, table: pa.Table) -> None:
+        """`Sandbox.define_arrow_relation` for this query: an Arrow table readable as `name`."""
+        self.register_table(name, table)
+
+    def define_view(
+        self, name: str, source: str, keys: Sequence[CellKey] = (), index_column: str = "_healpix_29"
+    ) -> None:
+        """A TEMP view `name` over a hidden relation `source` (an in-memory table this query registered
+        with hidden=True, holding the order-29 HEALPix index in `index_column`), with the extra `keys`
+        columns: how an uploaded table takes part in a HEALPix-neighbour cross-match."""
+        self._new_name(name)
+        _check_name(source)
+        if source.lower() not in self._hidden:
+            raise ValueError(f"relation {name!r}: unknown hidden relation {source!r}")
+        for key in keys:
+            if key.neighbours is not None and key.neighbours.lower() not in self._hidden:
+                raise ValueError(f"relation {name!r}: unknown neighbour relation {key.neighbours!r}")
+        _check_name(index_column, "index column")
+        sql = _view_sql(name, None, None, None, keys, temp=True, source=source, index_column=index_column)
+        try:
+            self._con.execute(sql)
+        except duckdb.Error as exc:
+            raise SandboxError(f"cannot define relation {name!r}: {_first_line(exc)}") from exc
+        self._views.append(name)
+        self._relations[name.lower()] = []
 
     def register_table(self, name: str, table: pa.Table, hidden: bool = False) -> None:
         """An in-memory Arrow relation on this query's connection only. `hidden`: usable inside views

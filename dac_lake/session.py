@@ -39,10 +39,13 @@ class QueryStats:
 class Session:
     """A read session on one lake; catalogs resolve through their published release pointers."""
 
-    def __init__(self, lake: Lake, groups: frozenset[str] = frozenset({"*"})):
+    def __init__(
+        self, lake: Lake, groups: frozenset[str] = frozenset({"*"}), engine: QueryEngine | None = None
+    ):
         self.lake = lake
-        # notebook and admin sessions run long all-sky jobs; the TAP service sets its own, shorter limits
-        self.engine = QueryEngine(lake, groups, SandboxLimits(timeout_s=3600.0))
+        # notebook and admin sessions run long all-sky jobs; the TAP service passes its own engine, with
+        # its own (shorter) limits, so that SCS and TAP share the cone code below
+        self.engine = engine or QueryEngine(lake, groups, SandboxLimits(timeout_s=3600.0))
         self.last = QueryStats()
         self.last_result: QueryResult | None = None
 
@@ -163,7 +166,7 @@ class Session:
             self.con.execute(
                 f"CREATE OR REPLACE VIEW {_quote_ident(catalog)} AS SELECT * FROM read_parquet([{listing}])"
             )
-        return self.con.execute(text).fetch_arrow_table()
+        return self.con.execute(text).to_arrow_table()
 
 
 def _adql_ident(name: str | None) -> str:

@@ -59,10 +59,13 @@ class Settings:
     lake_url: str = DEFAULT_LAKE_URL
     s3: S3Settings = field(default_factory=S3Settings)
     config_file: str | None = None
+    #: the config file's other tables ([service], [auth], ...), read by the parts that own them
+    sections: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for `dac config show` and logs."""
         data = asdict(self)
+        data.pop("sections", None)
         for key in ("access_key_id", "secret_access_key"):
             value = data["s3"].get(key)
             if value:
@@ -130,6 +133,7 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
         lake_url=pick(("DAC_LAKE_URL",), file_data.get("lake_url"), DEFAULT_LAKE_URL),
         s3=s3,
         config_file=str(path) if path else None,
+        sections={k: v for k, v in file_data.items() if isinstance(v, dict) and k != "s3"},
     )
     s3_overrides = {k[3:]: v for k, v in overrides.items() if k.startswith("s3_") and v is not None}
     top_overrides = {k: v for k, v in overrides.items() if not k.startswith("s3_") and v is not None}

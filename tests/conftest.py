@@ -140,3 +140,7 @@ def write_parts(table: pa.Table, folder: Path, parts: int = 3) -> list[str]:
         pq.write_table(table.slice(i * step, step), path)
         paths.append(str(path))
     return paths
+
+
+# the real TAP service (a demo lake served by `dac serve` on 127.0.0.1) for the service tests
+from tests.service_fixtures import served, service_lake  # noqa: E402, F401

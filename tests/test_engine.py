@@ -364,3 +364,120 @@ def test_profile_says_files_and_row_groups(two_catalogs, monkeypatch):
     full = quiet.adql("SELECT COUNT(*) AS n FROM testcat.main")
     assert full.profile["row_groups"] == {"__dac_t0": None} and full.table["n"][0].as_py() == N
     loud.close()
+
+
+# ---------------------------------------------------------------------------------- outer joins, uploads
+def _upload(name: str, ra, dec, tag: str = "s"):
+    from dac_lake.adql.model import ColumnMeta, TableMeta
+    from dac_lake.engine import MemoryTable
+
+    meta = TableMeta(
+        schema="TAP_UPLOAD",
+        name=name,
+        columns=(
+            ColumnMeta("name", "string"),
+            ColumnMeta("ra", "float64", "deg", "pos.eq.ra;meta.main"),
+            ColumnMeta("dec", "float64", "deg", "pos.eq.dec;meta.main"),
+        ),
+        ra_column="ra",
+        dec_column="dec",
+    )
+    names = [f"{tag}{i}" for i in range(len(ra))]
+    return MemoryTable(
+        meta, pa.table({"name": names, "ra": pa.array(ra, pa.float64()), "dec": pa.array(dec)})
+    )
+
+
+def test_preserved_side_of_an_outer_join_is_read_whole(two_catalogs):
+    """A region on the optional side of a LEFT JOIN must not limit the preserved side to that region
+    grown by the radius: every preserved row comes back, matched or not."""
+    lake, main, other = two_catalogs
+    session = dac_lake.connect(lake.storage.url)
+    got = session.adql(
+        "SELECT t.object_id AS t_id, o.object_id AS o_id FROM testcat.main AS t LEFT JOIN othercat.main AS o "
+        "ON DISTANCE(POINT(t.ra, t.dec), POINT(o.ra, o.dec)) < 2.0/3600 "
+        "AND 1 = CONTAINS(POINT(o.ra, o.dec), CIRCLE(45.0, -30.0, 1.0))"
+    )
+    assert sorted(set(got["t_id"].to_pylist())) == sorted(main["object_id"].to_pylist())
+    o_sky = SkyCoord(other["ra"].to_numpy(), other["dec"].to_numpy(), unit="deg")
+    inside = o_sky.separation(SkyCoord(45.0, -30.0, unit="deg")).deg <= 1.0
+    sub = other.filter(pa.array(inside))
+    a = SkyCoord(main["ra"].to_numpy(), main["dec"].to_numpy(), unit="deg")
+    b = SkyCoord(sub["ra"].to_numpy(), sub["dec"].to_numpy(), unit="deg")
+    ia, ib, _, _ = search_around_sky(a, b, 2.0 * u.arcsec)
+    ids_a, ids_b = main["object_id"].to_numpy()[ia], sub["object_id"].to_numpy()[ib]
+    want = set(zip(ids_a.tolist(), ids_b.tolist(), strict=True))
+    pairs = [(t, o) for t, o in zip(got["t_id"].to_pylist(), got["o_id"].to_pylist(), strict=True)]
+    assert {p for p in pairs if p[1] is not None} == want and len(want) > 100
+    assert len(pairs) == len(want) + len(main) - len({t for t, _ in want})
+
+
+def test_upload_on_either_side_of_a_neighbour_join(two_catalogs):
+    """An upload is the anchor of an inner join, the expanded side when the catalog is preserved (LEFT
+    JOIN), and a row with no position joins nothing; each thread's upload stays its own."""
+    import threading
+
+    lake, main, _ = two_catalogs
+    engine = dac_lake.connect(lake.storage.url).engine
+    rng = np.random.default_rng(9)
+    pick = rng.choice(N, 40, replace=False)
+    sub = main.take(pick)
+    ra = np.append(sub["ra"].to_numpy() + 0.2 / 3600, np.nan)
+    dec = np.append(sub["dec"].to_numpy(), 10.0)
+    cat = SkyCoord(main["ra"].to_numpy(), main["dec"].to_numpy(), unit="deg")
+    ids = main["object_id"].to_numpy()
+
+    def expected(ra_, dec_, tag):
+        ok = np.isfinite(ra_)
+        up = SkyCoord(ra_[ok], dec_[ok], unit="deg")
+        i, j, _, _ = search_around_sky(up, cat, 1.5 * u.arcsec)
+        names = np.array([f"{tag}{k}" for k in range(len(ra_))])[ok]
+        return {(names[a], int(ids[b])) for a, b in zip(i, j, strict=True)}
+
+    upload = _upload("mine", ra, dec)
+    inner = engine.adql(
+        "SELECT u.name, t.object_id FROM TAP_UPLOAD.mine AS u JOIN testcat.main AS t "
+        "ON DISTANCE(POINT(u.ra, u.dec), POINT(t.ra, t.dec)) < 1.5/3600",
+        memory_tables=[upload],
+    )
+    want = expected(ra, dec, "s")
+    assert (
+        set(zip(inner.table["name"].to_pylist(), inner.table["object_id"].to_pylist(), strict=True)) == want
+    )
+    assert inner.profile["crossmatches"][0]["anchor"] == "__dac_t0"  # the upload: 41 rows against 20,000
+    left = engine.adql(
+        "SELECT t.object_id, u.name FROM testcat.main AS t LEFT JOIN TAP_UPLOAD.mine AS u "
+        "ON DISTANCE(POINT(u.ra, u.dec), POINT(t.ra, t.dec)) < 1.5/3600",
+        memory_tables=[upload],
+    )
+    assert left.profile["crossmatches"][0]["expanded"] == "__dac_t1"  # the upload, not the preserved catalog
+    rows = list(zip(left.table["name"].to_pylist(), left.table["object_id"].to_pylist(), strict=True))
+    assert {r for r in rows if r[0] is not None} == want and len(rows) == N + len(want) - len(
+        {t for _, t in want}
+    )
+
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            ra_k, dec_k = ra[: 10 + k], dec[: 10 + k]
+            mine = _upload("mine", ra_k, dec_k, tag=f"w{k}_")
+            for _ in range(3):
+                got = engine.adql(
+                    "SELECT u.name, t.object_id FROM TAP_UPLOAD.mine AS u JOIN testcat.main AS t "
+                    "ON DISTANCE(POINT(u.ra, u.dec), POINT(t.ra, t.dec)) < 1.5/3600",
+                    memory_tables=[mine],
+                )
+                pairs = set(
+                    zip(got.table["name"].to_pylist(), got.table["object_id"].to_pylist(), strict=True)
+                )
+                assert pairs == expected(ra_k, dec_k, f"w{k}_")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[0]

@@ -114,7 +114,11 @@ class CrossMatch:
     engine must give both relations that column, at HEALPix `order` (cell = `_healpix_29 >> 2(29-order)`):
     one side (the anchor) its own cell, the other (the expanded side, one of `expandable`) one row per cell
     `a` whose neighbourhood (`a` and its 8 neighbours) holds the row's own cell, with `key = a`. Any pair
-    within the radius then meets exactly once (`neighbour_order`)."""
+    within the radius then meets exactly once (`neighbour_order`).
+
+    `expandable`: the relations whose rows this condition filters, i.e. not the preserved side of an outer
+    join. Only those may be repeated through a neighbour table, and only those may be limited to the
+    other side's region grown by the radius (a preserved side keeps its unmatched rows)."""
 
     left: str
     right: str

@@ -653,7 +653,10 @@ class _Translator:
             if hint.source in scope.sources and hint.other in scope.sources:
                 a, b = hint.source.ref, hint.other.ref
                 if a is not None and b is not None:
-                    cm = CrossMatch(a.relation, b.relation, hint.radius)
+                    filtered = tuple(
+                        s.ref.relation for s in (hint.source, hint.other) if s in eligible and s.ref
+                    )
+                    cm = CrossMatch(a.relation, b.relation, hint.radius, expandable=filtered)
                     if pending is not None:
                         cm.key, cm.order, cm.expandable = pending
                     self.crossmatches.append(cm)

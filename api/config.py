@@ -1,0 +1,90 @@
+"""Settings of the TAP service: the `[service]` table of the config file, overridden by `DAC_SERVICE_*`.
+
+```toml
+[service]
+public_url = "https://tap.lsst.ac.uk"   # how clients reach us (links in capabilities and job documents)
+maxrec_default = 100000                 # rows a query returns when it gives no MAXREC
+maxrec_max = 10000000                   # the largest MAXREC honoured (sync and async)
+sync_timeout_s = 60                     # a sync query running longer is stopped: use async
+async_workers = 2                       # async jobs running at once per service process
+async_duration_default_s = 3600
+async_duration_max_s = 86400
+destruction_days = 7                    # async jobs (and results) are deleted after this
+job_dir = "./dac-jobs"                  # job database and results (local disk of the API node)
+upload_max_rows = 100000
+upload_max_bytes = 52428800
+memory_limit = "2GB"                    # per query
+threads = 2                             # per query
+```
+Environment: `DAC_SERVICE_<KEY>` for each key (e.g. `DAC_SERVICE_SYNC_TIMEOUT_S=30`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from dac_lake.settings import Settings
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What the service needs beyond the lake settings."""
+
+    public_url: str | None = None
+    title: str = "dac-lake TAP service"
+    description: str = "Survey catalogs served from a HATS lake by dac-lake (DuckDB over HEALPix Parquet)."
+    maxrec_default: int = 100_000
+    maxrec_max: int = 10_000_000
+    sync_timeout_s: float = 60.0
+    async_workers: int = 2
+    async_duration_default_s: int = 3600
+    async_duration_max_s: int = 86_400
+    destruction_days: float = 7.0
+    job_dir: str = "./dac-jobs"
+    upload_max_rows: int = 100_000
+    upload_max_bytes: int = 50 * 1024 * 1024
+    memory_limit: str = "2GB"
+    threads: int = 2
+    wait_max_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.maxrec_default <= self.maxrec_max:
+            raise ValueError(
+                f"[service] maxrec_default ({self.maxrec_default}) must be between 0 and maxrec_max "
+                f"({self.maxrec_max})"
+            )
+        if self.sync_timeout_s <= 0 or self.async_duration_default_s <= 0:
+            raise ValueError("[service] time limits must be positive")
+        if self.async_workers < 1:
+            raise ValueError("[service] async_workers must be >= 1")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, environ: Mapping[str, str] | None = None, **overrides: Any):
+        """From the config file's `[service]` table, `DAC_SERVICE_*` variables and explicit overrides."""
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = dict(settings.sections.get("service") or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"[service] has unknown keys {unknown}; known: {sorted(known)}")
+        for name in known:
+            value = env.get(f"DAC_SERVICE_{name.upper()}")
+            if value not in (None, ""):
+                data[name] = value
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        typed: dict[str, Any] = {}
+        for name, value in data.items():
+            kind = known[name].type
+            try:
+                if kind == "int":
+                    typed[name] = int(value)
+                elif kind == "float":
+                    typed[name] = float(value)
+                else:
+                    typed[name] = value
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"[service] {name} = {value!r} is not a valid {kind}") from exc
+        return cls(**typed)

@@ -1,0 +1,1 @@
+"""HTML pages of the service: object pages with light curves, recent objects."""

@@ -1,0 +1,1 @@
+"""TAP protocol pieces that are not HTTP: parameters."""

@@ -941,3 +941,26 @@ def test_generated_sql_never_contains_user_text_outside_literals():
     con.execute("CREATE TABLE \"__dac_t0\" AS SELECT 1::BIGINT AS id, 'x' AS name")
     assert con.execute(t.sql).fetchall() == []
     assert t.columns[0].name == 'a"; DROP TABLE x; --'
+
+
+def test_neighbour_table_lists_each_parent_of_each_neighbourhood_once():
+    """xmatch.neighbour_table against a per-cell set computation, including base-pixel corner cells
+    (7 neighbours, cdshealpix's -1) and the poles."""
+    from cdshealpix import nested
+
+    from dac_lake import xmatch
+
+    rng = np.random.default_rng(4)
+    for order in (3, 9, 16):
+        n = 12 * 4**order
+        cells = np.unique(np.concatenate([rng.integers(0, n, 3000), [0, 4**order - 1, 5 * 4**order, n - 1]]))
+        table = xmatch.neighbour_table(cells, order).to_pydict()
+        got = list(zip(table["a"], table["e"], strict=True))
+        around = nested.neighbours(cells.astype(np.uint64), order).astype(np.int64)
+        shift = 2 * (order - xmatch.join_order(order))
+        want = {
+            (int(c), int(p) >> shift if p >= 0 else -1)
+            for c, row in zip(cells, around, strict=True)
+            for p in row
+        }
+        assert len(got) == len(set(got)) and set(got) == want

@@ -253,7 +253,7 @@ def test_crossmatch_neighbour_join_equals_search_around_sky(two_catalogs, radius
     assert len(pairs) == len(set(pairs)) and set(pairs) == want
     (note,) = session.last_result.profile["crossmatches"]
     assert note["anchor"] == "__dac_t1" and note["expanded"] == "__dac_t0"  # othercat has fewer rows
-    assert "__dac_x0" in session.last_result.sql and "BETWEEN" not in session.last_result.sql
+    assert "__dac_x0" in session.last_result.sql
 
 
 def test_crossmatch_in_a_region_reads_only_the_neighbourhood(two_catalogs):

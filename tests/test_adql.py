@@ -943,12 +943,14 @@ def test_generated_sql_never_contains_user_text_outside_literals():
     assert t.columns[0].name == 'a"; DROP TABLE x; --'
 
 
-def test_neighbour_table_lists_each_parent_of_each_neighbourhood_once():
+def test_neighbour_table_lists_each_parent_of_each_neighbourhood_once(monkeypatch):
     """xmatch.neighbour_table against a per-cell set computation, including base-pixel corner cells
-    (7 neighbours, cdshealpix's -1) and the poles."""
+    (7 neighbours, cdshealpix's -1) and the poles, in pieces on threads as for a large anchor."""
     from cdshealpix import nested
 
     from dac_lake import xmatch
+
+    monkeypatch.setattr(xmatch, "_PIECE_CELLS", 700)
 
     rng = np.random.default_rng(4)
     for order in (3, 9, 16):

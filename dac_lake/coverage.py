@@ -13,9 +13,34 @@ from cdshealpix.nested import cone_search
 
 from dac_lake.healpix import SPATIAL_INDEX_ORDER, pixel_range29
 
+try:  # the compiled function behind cdshealpix.nested.cone_search (same arguments, in radians)
+    from cdshealpix.cdshealpix import cone_search as _rust_cone_search
+except ImportError:  # pragma: no cover - another cdshealpix build: the public wrapper still works
+    _rust_cone_search = None
+
 #: order of the `_healpix_29` ranges used for row-group pruning: fine enough to hug a small cone,
 #: coarse enough that a 30-degree cone stays a few thousand ranges
 MAX_RANGE_ORDER = 14
+
+
+def _cone_cells(ra: float, dec: float, radius_deg: float, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """cdshealpix's cone coverage (cells and their depths, a superset of the cone). Its Rust binding is
+    called directly when present: the astropy Longitude/Latitude/Quantity checks of the public wrapper cost
+    ~0.4 ms, a tenth of a small cone search."""
+    if _rust_cone_search is not None and -90 <= dec <= 90:
+        cells, depths, _ = _rust_cone_search(
+            np.uint8(order),
+            np.uint8(2),
+            np.float64(np.radians(ra % 360)),
+            np.float64(np.radians(dec)),
+            np.float64(np.radians(radius_deg)),
+            False,
+        )
+        return cells, depths
+    cells, depths, _ = cone_search(
+        Longitude(ra % 360, u.deg), Latitude(dec, u.deg), radius_deg * u.deg, depth=order, flat=False
+    )
+    return cells, depths
 
 
 def cone_ranges29(ra: float, dec: float, radius_deg: float, max_ranges: int = 2000) -> np.ndarray:
@@ -24,9 +49,7 @@ def cone_ranges29(ra: float, dec: float, radius_deg: float, max_ranges: int = 20
         raise ValueError(f"cone radius must be in (0, 180] degrees, got {radius_deg}")
     order = _range_order(radius_deg)
     while True:
-        cells, depths, _ = cone_search(
-            Longitude(ra % 360, u.deg), Latitude(dec, u.deg), radius_deg * u.deg, depth=order, flat=False
-        )
+        cells, depths = _cone_cells(ra, dec, radius_deg, order)
         shift = 2 * (SPATIAL_INDEX_ORDER - depths.astype(np.int64))
         lo = cells.astype(np.int64) << shift
         hi = (cells.astype(np.int64) + 1) << shift

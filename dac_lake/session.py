@@ -15,6 +15,7 @@ from functools import cached_property
 import pyarrow as pa
 
 from dac_lake import layout
+from dac_lake.adql import AdqlUnknownTable
 from dac_lake.duckdb_io import new_connection
 from dac_lake.engine import QueryEngine, QueryResult
 from dac_lake.lake import Lake, LakeError
@@ -87,25 +88,23 @@ class Session:
         """Run ADQL 2.1 (validated and translated; only generated SQL reaches DuckDB). `self.last_result`
         keeps the overflow flag, column metadata and what was read (`.explain()`)."""
         self.last_result = self.engine.adql(text, maxrec=maxrec, timeout_s=timeout_s)
-        self.last = QueryStats(
-            files=self.last_result.files_read,
-            total_files=sum(s.total_files for s in self.last_result.scans),
-            ranges=sum(0 if s.ranges is None else len(s.ranges) for s in self.last_result.scans),
-            detail=self.last_result.explain(),
-        )
+        self._record(self.last_result)
         return self.last_result.table
+
+    def _record(self, result: QueryResult) -> None:
+        self.last = QueryStats(
+            files=result.files_read,
+            total_files=sum(s.total_files for s in result.scans),
+            ranges=sum(0 if s.ranges is None else len(s.ranges) for s in result.scans),
+            detail=result.explain(),
+        )
 
     def _table(self, name: str):
         """A registry table from 'catalog', 'catalog.table' or '"catalog@release".table'."""
-        schema, _, table = name.partition(".")
-        schema = schema.strip('"')
-        for lt in self.engine.registry.lake_tables():
-            if lt.meta.schema.lower() == schema.lower() and (
-                not table or lt.meta.name.lower() == table.lower()
-            ):
-                return lt
-        known = ", ".join(t.qualified_name for t in self.engine.registry.lake_tables())
-        raise LakeError(f"no table {name!r}; tables: {known}")
+        try:
+            return self.engine.find_table(name)
+        except AdqlUnknownTable as exc:
+            raise LakeError(str(exc)) from None
 
     def cone(
         self,
@@ -117,21 +116,15 @@ class Session:
         where: str | None = None,
         maxrec: int | None = None,
     ) -> pa.Table:
-        """Rows within `radius_deg` of (ra, dec), exactly, nearest first, with `dist_deg`. The same code
-        path as ADQL (and so as TAP and SCS): coverage, pruning and distance are implemented once."""
-        lt = self._table(catalog)
-        ra_c, dec_c = _adql_ident(lt.meta.ra_column), _adql_ident(lt.meta.dec_column)
-        cols = ", ".join(_adql_ident(c) for c in columns) if columns else "*"
-        centre = f"POINT('ICRS', {float(ra)!r}, {float(dec)!r})"
-        text = (
-            f"SELECT {cols}, DISTANCE(POINT('ICRS', {ra_c}, {dec_c}), {centre}) AS dist_deg "
-            f"FROM {_adql_table(lt)} "
-            f"WHERE 1 = CONTAINS(POINT('ICRS', {ra_c}, {dec_c}), "
-            f"CIRCLE('ICRS', {float(ra)!r}, {float(dec)!r}, {float(radius_deg)!r}))"
-            + (f" AND ({where})" if where else "")
-            + " ORDER BY dist_deg"
+        """Rows within `radius_deg` of (ra, dec), exactly, nearest first, with `dist_deg`. The engine's
+        cone search (`QueryEngine.cone`), as SCS uses it: the same coverage and distance as ADQL's
+        CONTAINS, read straight from the row groups it touches (or, with `where`, through ADQL)."""
+        self._table(catalog)  # an unknown catalog: LakeError, as for the other methods
+        self.last_result = self.engine.cone(
+            catalog, ra, dec, radius_deg, columns=columns, where=where, maxrec=maxrec
         )
-        return self.adql(text, maxrec=maxrec)
+        self._record(self.last_result)
+        return self.last_result.table
 
     def crossmatch(
         self,

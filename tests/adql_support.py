@@ -9,6 +9,7 @@ import pandas as pd
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 
+from dac_lake import xmatch
 from dac_lake.adql import ColumnMeta, TableMeta, Translation, translate
 from dac_lake.healpix import healpix29
 
@@ -70,12 +71,37 @@ def catalog(ra: np.ndarray, dec: np.ndarray, seed: int = 0) -> pd.DataFrame:
 
 
 def run(t: Translation, data: dict[str, pd.DataFrame], explain: bool = False) -> pd.DataFrame | str:
-    """Execute a translation the way the engine does: register one relation per table ref."""
+    """Execute a translation the way the engine does: one relation per table ref, and for a HEALPix
+    neighbour cross-match (`CrossMatch.key`) the key columns: the anchor's own cell, the expanded side
+    joined through the neighbour table (dac_lake.xmatch, the engine's own helpers)."""
     con = duckdb.connect()
+    keys: dict[str, tuple[str, int, str | None]] = {}  # relation -> (key column, shift, neighbour table)
+    frames = {ref.relation: data[ref.table.name] for ref in t.table_refs}
+    for i, cm in enumerate(t.crossmatches):
+        if cm.key is None:
+            continue
+        rows = {rel: len(df) for rel, df in frames.items()}
+        anchor, expanded = xmatch.choose_anchor(cm.left, cm.right, cm.expandable, rows)
+        shift = xmatch.key_shift(cm.order)
+        cells = np.unique(frames[anchor]["_healpix_29"].to_numpy() >> shift)
+        con.register(f"nb{i}", xmatch.neighbour_table(cells, cm.order))
+        keys[anchor] = (cm.key, shift, None)
+        keys[expanded] = (cm.key, xmatch.key_shift(xmatch.join_order(cm.order)), f"nb{i}")
     for i, ref in enumerate(t.table_refs):
-        df = data[ref.table.name]
-        con.register(f"src{i}", df)
-        con.execute(f'CREATE VIEW "{ref.relation}" AS SELECT * FROM src{i}')
+        con.register(f"src{i}", frames[ref.relation])
+        if ref.relation not in keys:
+            con.execute(f'CREATE VIEW "{ref.relation}" AS SELECT * FROM src{i}')
+            continue
+        key, shift, nb = keys[ref.relation]
+        if nb is None:
+            con.execute(
+                f'CREATE VIEW "{ref.relation}" AS SELECT *, _healpix_29 >> {shift} AS "{key}" FROM src{i}'
+            )
+        else:
+            con.execute(
+                f'CREATE VIEW "{ref.relation}" AS SELECT s.*, n.a AS "{key}" FROM src{i} AS s '
+                f"JOIN {nb} AS n ON (s._healpix_29 >> {shift}) = n.e"
+            )
     if explain:
         return "\n".join(row[1] for row in con.execute("EXPLAIN " + t.sql).fetchall())
     return con.execute(t.sql).df()

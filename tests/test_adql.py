@@ -25,6 +25,7 @@ from dac_lake.adql import (
     Polygon,
     translate,
 )
+from dac_lake.adql.model import neighbour_order
 from dac_lake.healpix import healpix29
 from tests.adql_support import DemoRegistry, around, catalog, query, run, uniform_sky
 
@@ -618,45 +619,111 @@ XMATCH_FORMS = [
     "ON CONTAINS(POINT(b.ra, b.dec), CIRCLE(POINT(a.ra, a.dec), {r})) = 1",
     "SELECT a.id AS ia, b.id AS ib FROM demo.survey AS a JOIN demo.xmatch AS b "
     "ON DISTANCE(a.ra, a.dec, b.ra, b.dec) <= {r} AND a.id >= 0",
+    # outer joins: only the non-preserved side may be expanded through the neighbour table
+    "SELECT a.id AS ia, b.id AS ib FROM demo.survey AS a LEFT JOIN demo.xmatch AS b "
+    "ON DISTANCE(POINT(a.ra, a.dec), POINT(b.ra, b.dec)) <= {r}",
+    "SELECT a.id AS ia, b.id AS ib FROM demo.survey AS a RIGHT OUTER JOIN demo.xmatch AS b "
+    "ON DISTANCE(POINT(a.ra, a.dec), POINT(b.ra, b.dec)) <= {r}",
+    "SELECT a.id AS ia, b.id AS ib FROM demo.survey AS a FULL OUTER JOIN demo.xmatch AS b "
+    "ON DISTANCE(POINT(a.ra, a.dec), POINT(b.ra, b.dec)) <= {r}",
 ]
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _xmatch_check(out, want: set, edge: set, n_a: int, n_b: int, form: int) -> None:
+    """The pairs must be `want` (ties on the circle aside); an outer join must also keep each unmatched
+    row of its preserved side(s) exactly once (a neighbour join that expanded a preserved side would
+    repeat them)."""
+    ia, ib = out["ia"].to_numpy(), out["ib"].to_numpy()
+    both = ~(pd.isna(ia) | pd.isna(ib))
+    got = {(int(i), int(j)) for i, j in zip(ia[both], ib[both], strict=True)}
+    assert len(got) == both.sum(), "a pair came out twice"
+    assert got - edge == want - edge
+    got_all = got | want
+    if "LEFT" in XMATCH_FORMS[form] or "FULL" in XMATCH_FORMS[form]:
+        unmatched = set(range(n_a)) - {i for i, _ in got_all}
+        lonely = ia[pd.isna(ib)]
+        assert sorted(int(i) for i in lonely) == sorted(unmatched - {i for i, _ in edge})
+    if "RIGHT" in XMATCH_FORMS[form] or "FULL" in XMATCH_FORMS[form]:
+        unmatched = set(range(n_b)) - {j for _, j in got_all}
+        lonely = ib[pd.isna(ia)]
+        assert sorted(int(j) for j in lonely) == sorted(unmatched - {j for _, j in edge})
+    if not any(k in XMATCH_FORMS[form] for k in ("LEFT", "RIGHT", "FULL")):
+        assert both.all()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     seed=st.integers(0, 2**31),
     ra0=st.floats(0, 360),
     dec0=st.floats(-90, 90),
-    radius=st.floats(1 / 3600, 2.0),
+    radius=st.one_of(st.floats(1 / 3600, 2.0), st.floats(2.0, 40.0)),
     spread=st.floats(0.001, 20.0),
     form=st.integers(0, len(XMATCH_FORMS) - 1),
 )
 def test_crossmatch_agrees_with_search_around_sky(seed, ra0, dec0, radius, spread, form):
+    """Every join form, planned as a HEALPix-neighbour equi-join (radii up to ~26 deg) and as the
+    declination-band join, returns exactly astropy's pairs."""
     rng = np.random.default_rng(seed)
     ra1, dec1 = around(ra0, dec0, spread, 120, rng)
     ra2, dec2 = around(ra0, dec0, spread, 150, rng)
     a, b = catalog(ra1, dec1), catalog(ra2, dec2)
     ca = SkyCoord(a["ra"].to_numpy() * u.deg, a["dec"].to_numpy() * u.deg)
     cb = SkyCoord(b["ra"].to_numpy() * u.deg, b["dec"].to_numpy() * u.deg)
-    ia, ib, sep, _ = search_around_sky(ca, cb, radius * u.deg)
-    want = {(int(i), int(j)) for i, j, s in zip(ia, ib, sep.deg, strict=True) if abs(s - radius) > 1e-9}
+    ia, ib, _, _ = search_around_sky(ca, cb, radius * u.deg)
+    want = {(int(i), int(j)) for i, j in zip(ia, ib, strict=True)}
     all_sep = ca[:, None].separation(cb[None, :]).deg
     edge = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.abs(all_sep - radius) <= 1e-9), strict=True)}
-    t = translate(XMATCH_FORMS[form].format(r=repr(radius)), REG)
-    assert len(t.crossmatches) == 1 and t.crossmatches[0].radius_deg == pytest.approx(radius)
-    out = run(t, {"survey": a, "xmatch": b})
-    got = {(int(i), int(j)) for i, j in zip(out["ia"], out["ib"], strict=True)} - edge
-    assert got == want
+    for neighbours in (True, False):
+        t = translate(XMATCH_FORMS[form].format(r=repr(radius)), REG, neighbour_joins=neighbours)
+        assert len(t.crossmatches) == 1 and t.crossmatches[0].radius_deg == pytest.approx(radius)
+        cm = t.crossmatches[0]
+        keyed = neighbours and neighbour_order(radius) is not None and "FULL" not in XMATCH_FORMS[form]
+        assert (cm.key is not None) == keyed
+        if "LEFT" in XMATCH_FORMS[form]:
+            assert cm.expandable in ((), ("__dac_t1",))
+        if "RIGHT" in XMATCH_FORMS[form]:
+            assert cm.expandable in ((), ("__dac_t0",))
+        out = run(t, {"survey": a, "xmatch": b})
+        _xmatch_check(out, want, edge, len(a), len(b), form)
 
 
-@pytest.mark.parametrize("form", range(len(XMATCH_FORMS)))
-def test_crossmatch_plan_is_not_cartesian(data, form):
-    t = translate(XMATCH_FORMS[form].format(r="1.0/3600"), REG)
+def test_neighbour_order_bounds_the_neighbourhood():
+    """Points within the radius of a point lie in its cell's neighbourhood at neighbour_order(radius),
+    including around the base-pixel corners (7 neighbours) and the poles."""
+    from cdshealpix import nested
+
+    rng = np.random.default_rng(5)
+    corners = [(45.0, 41.81), (0.0, 0.0), (90.0, -41.81), (135.0, 0.0), (10.0, 89.99), (200.0, -89.99)]
+    for radius in (1 / 3600, 30 / 3600, 0.3, 4.0, 20.0):
+        order = neighbour_order(radius)
+        assert order is not None
+        shift = 2 * (29 - order)
+        for ra0, dec0 in [*corners, (float(rng.uniform(0, 360)), float(rng.uniform(-90, 90)))]:
+            ra1, dec1 = around(ra0, dec0, 3 * radius, 3000, rng)
+            p = SkyCoord(ra1 * u.deg, dec1 * u.deg)
+            q = p.directional_offset_by(
+                rng.uniform(0, 360, len(ra1)) * u.deg, rng.uniform(0, radius, len(ra1)) * u.deg
+            )
+            cp = healpix29(p.ra.deg, p.dec.deg) >> shift
+            cq = healpix29(q.ra.deg, q.dec.deg) >> shift
+            around_p = nested.neighbours(cp.astype(np.uint64), order).astype(np.int64)
+            assert (around_p == cq[:, None]).any(axis=1).all(), (radius, ra0, dec0)
+    assert neighbour_order(30.0) is None and neighbour_order(1e-9) == 20
+
+
+@pytest.mark.parametrize("neighbours", [True, False])
+@pytest.mark.parametrize("form", range(4))
+def test_crossmatch_plan_is_not_cartesian(data, form, neighbours):
+    t = translate(XMATCH_FORMS[form].format(r="1.0/3600"), REG, neighbour_joins=neighbours)
     assert {(c.left, c.right) for c in t.crossmatches} <= {("__dac_t0", "__dac_t1"), ("__dac_t1", "__dac_t0")}
     plan = run(t, data, explain=True)
     assert isinstance(plan, str)
     for bad in ("CROSS_PRODUCT", "NESTED_LOOP_JOIN", "BLOCKWISE_NL_JOIN"):
         assert bad not in plan, plan
-    assert "IE_JOIN" in plan or "PIECEWISE_MERGE_JOIN" in plan or "RANGE_JOIN" in plan, plan
+    if neighbours:  # two hash joins: the expanded side with the neighbour table, then with the anchor
+        assert plan.count("HASH_JOIN") >= 2 and "__dac_x0" in plan, plan
+    else:
+        assert "IE_JOIN" in plan or "PIECEWISE_MERGE_JOIN" in plan or "RANGE_JOIN" in plan, plan
     out = run(t, data)
     s, x = data["survey"], data["xmatch"]
     ia, _, _, _ = search_around_sky(
@@ -673,9 +740,35 @@ def test_left_crossmatch_keeps_unmatched(data):
         "ON DISTANCE(POINT(a.ra, a.dec), POINT(b.ra, b.dec)) < 5.0/3600",
         REG,
     )
-    assert len(t.crossmatches) == 1
+    assert len(t.crossmatches) == 1 and t.crossmatches[0].expandable == ("__dac_t1",)
     out = run(t, data)
     assert out["id"].nunique() == len(data["survey"])
+    s, x = data["survey"], data["xmatch"]
+    ia, _, _, _ = search_around_sky(
+        SkyCoord(s["ra"].to_numpy() * u.deg, s["dec"].to_numpy() * u.deg),
+        SkyCoord(x["ra"].to_numpy() * u.deg, x["dec"].to_numpy() * u.deg),
+        5 * u.arcsec,
+    )
+    assert len(out) == len(ia) + len(s) - len(set(ia.tolist()))
+
+
+def test_a_relation_takes_one_neighbour_join():
+    """Two cross-matches through the same relation: the first is keyed, the second keeps the band; a
+    correlated cross-match (outer table in the parent query) is not a join of this scope at all."""
+    t = translate(
+        "SELECT a.id FROM demo.survey AS a JOIN demo.xmatch AS b "
+        "ON DISTANCE(a.ra, a.dec, b.ra, b.dec) < 0.001 "
+        "JOIN demo.survey AS c ON DISTANCE(b.ra, b.dec, c.ra, c.dec) < 0.001",
+        REG,
+    )
+    assert [cm.key for cm in t.crossmatches] == ["__dac_x0", None]
+    assert "BETWEEN" in t.sql
+    t = translate(
+        "SELECT a.id FROM demo.survey AS a WHERE EXISTS (SELECT 1 FROM demo.xmatch AS b WHERE "
+        "DISTANCE(a.ra, a.dec, b.ra, b.dec) < 0.001)",
+        REG,
+    )
+    assert all(cm.key is None for cm in t.crossmatches) and "__dac_x" not in t.sql
 
 
 # ---------------------------------------------------------------------------- errors
@@ -848,3 +941,28 @@ def test_generated_sql_never_contains_user_text_outside_literals():
     con.execute("CREATE TABLE \"__dac_t0\" AS SELECT 1::BIGINT AS id, 'x' AS name")
     assert con.execute(t.sql).fetchall() == []
     assert t.columns[0].name == 'a"; DROP TABLE x; --'
+
+
+def test_neighbour_table_lists_each_parent_of_each_neighbourhood_once(monkeypatch):
+    """xmatch.neighbour_table against a per-cell set computation, including base-pixel corner cells
+    (7 neighbours, cdshealpix's -1) and the poles, in pieces on threads as for a large anchor."""
+    from cdshealpix import nested
+
+    from dac_lake import xmatch
+
+    monkeypatch.setattr(xmatch, "_PIECE_CELLS", 700)
+
+    rng = np.random.default_rng(4)
+    for order in (3, 9, 16):
+        n = 12 * 4**order
+        cells = np.unique(np.concatenate([rng.integers(0, n, 3000), [0, 4**order - 1, 5 * 4**order, n - 1]]))
+        table = xmatch.neighbour_table(cells, order).to_pydict()
+        got = list(zip(table["a"], table["e"], strict=True))
+        around = nested.neighbours(cells.astype(np.uint64), order).astype(np.int64)
+        shift = 2 * (order - xmatch.join_order(order))
+        want = {
+            (int(c), int(p) >> shift if p >= 0 else -1)
+            for c, row in zip(cells, around, strict=True)
+            for p in row
+        }
+        assert len(got) == len(set(got)) and set(got) == want

@@ -1,6 +1,11 @@
 """The query sandbox: hostile SQL is refused (by our validator, and by DuckDB's own lock behind it), the
 time and memory limits hold, and the sandbox stays usable after every refusal, error and timeout.
 
+Every check runs on both forms of the sandbox ("kind"): a `Sandbox` (one locked instance per query) and a
+query of a long-lived `SandboxDatabase` (one locked instance, a connection per query); the database's own
+guarantees (relations private to a query, concurrent queries in threads, per-query time limits, clean-up)
+are tested at the end.
+
 The lake is a folder in tmp_path with two granted Parquet files and a "private" catalog file that the
 sandbox is not given; canaries (a text file and a Parquet file holding secret strings) sit outside the lake.
 `test_key_checks_on_both_backends` repeats the key checks on the Ceph RGW when DAC_TEST_S3=1 (see
@@ -14,6 +19,7 @@ import hashlib
 import io
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,7 +33,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from dac_lake.duckdb_io import httpfs_extension_path
-from dac_lake.sandbox import QueryRejected, QueryTimeout, Sandbox, SandboxError, SandboxLimits
+from dac_lake.sandbox import (
+    QueryRejected,
+    QueryTimeout,
+    Sandbox,
+    SandboxDatabase,
+    SandboxError,
+    SandboxLimits,
+)
 from dac_lake.settings import load_settings
 from dac_lake.storage import LakeStorage
 
@@ -97,16 +110,55 @@ def local(tmp_path) -> LakeFixture:
     )
 
 
-def _locked(fx: LakeFixture, limits: SandboxLimits = SandboxLimits(timeout_s=20)) -> Sandbox:  # noqa: B008
-    sb = Sandbox(fx.storage, limits)
-    sb.define_relation("__dac_t0", fx.files)
-    sb.lock()
-    return sb
+KINDS = ["sandbox", "database"]
+
+
+class _DatabaseQuery:
+    """A SandboxDatabase query that also closes its database: the tests' stand-in for a Sandbox."""
+
+    def __init__(self, db: SandboxDatabase, limits: SandboxLimits):
+        self.db = db
+        self.q = db.query(limits)
+
+    def __getattr__(self, name):
+        return getattr(self.q, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.q.close()
+        self.db.close()
+
+
+def _locked(
+    fx: LakeFixture,
+    limits: SandboxLimits = SandboxLimits(timeout_s=20),  # noqa: B008
+    kind: str = "sandbox",
+):
+    """`__dac_t0` over the two granted files, locked: a Sandbox, or a query on a SandboxDatabase opened
+    for exactly those files."""
+    if kind == "sandbox":
+        sb = Sandbox(fx.storage, limits)
+        sb.define_relation("__dac_t0", fx.files)
+        sb.lock()
+        return sb
+    q = _DatabaseQuery(SandboxDatabase(fx.storage, fx.files, limits, connections=2), limits)
+    q.define_relation("__dac_t0", fx.files)
+    return q
+
+
+@pytest.fixture(params=KINDS)
+def kind(request) -> str:
+    return request.param
 
 
 @pytest.fixture
-def sandbox(local):
-    sb = _locked(local)
+def sandbox(local, kind):
+    sb = _locked(local, kind=kind)
     yield sb
     sb.close()
 
@@ -392,7 +444,8 @@ def test_settings_in_force_after_lock(sandbox, local):
     assert setting("allowed_configs") == []
     assert sorted(setting("allowed_paths")) == sorted(local.files)
     spill = setting("temp_directory")
-    assert spill.startswith(sandbox._tmp + os.sep)
+    tmp = sandbox._tmp if isinstance(sandbox, Sandbox) else sandbox.db._tmp
+    assert spill.startswith(tmp + os.sep)
     # DuckDB adds the temp directory to the allowed directories by itself: that is all there is
     assert setting("allowed_directories") == [spill.rstrip("/") + "/"]
     assert setting("threads") == 2
@@ -457,8 +510,8 @@ def test_hive_partitioning_off_and_columns(local):
         assert _count(sb) == TOTAL
 
 
-def test_max_rows_and_stream(local):
-    with _locked(local, SandboxLimits(max_rows=25)) as sb:
+def test_max_rows_and_stream(local, kind):
+    with _locked(local, SandboxLimits(max_rows=25), kind=kind) as sb:
         t = sb.execute("SELECT object_id FROM __dac_t0 ORDER BY object_id")
         assert t.column("object_id").to_pylist() == list(range(25))
         assert sb.last_profile["truncated"] is True
@@ -471,10 +524,10 @@ def test_max_rows_and_stream(local):
         # ORDER BY .. LIMIT is a TOP_N with late materialisation: two scans, each over both files
         assert [sc["files"] for sc in sb.last_profile["scans"]] == [2, 2]
         assert sb.execute("SELECT 1 AS x WHERE false").num_rows == 0
-    with _locked(local, SandboxLimits(max_rows=0)) as sb:
+    with _locked(local, SandboxLimits(max_rows=0), kind=kind) as sb:
         t = sb.execute("SELECT object_id FROM __dac_t0")
         assert t.num_rows == 0 and t.schema.names == ["object_id"] and sb.last_profile["truncated"] is True
-    with _locked(local) as sb:
+    with _locked(local, kind=kind) as sb:
         reader = sb.stream("SELECT object_id FROM __dac_t0", batch_rows=1000)
         total = sum(batch.num_rows for batch in reader)
         assert total == TOTAL
@@ -561,8 +614,8 @@ def test_scope_lake_allows_the_lake_at_duckdb_level_only(local):
 
 
 # ------------------------------------------------------------------------------------------ limits
-def test_timeout_interrupts_and_the_next_query_works(local):
-    with _locked(local, SandboxLimits(timeout_s=1.0)) as sb:
+def test_timeout_interrupts_and_the_next_query_works(local, kind):
+    with _locked(local, SandboxLimits(timeout_s=1.0), kind=kind) as sb:
         for run in (sb.execute, lambda sql: sb.stream(sql).read_all(), sb.explain):
             t0 = time.monotonic()
             with pytest.raises(QueryTimeout, match="1 s limit"):
@@ -580,9 +633,9 @@ def test_timeout_interrupts_and_the_next_query_works(local):
         assert _count(sb) == TOTAL
 
 
-def test_many_quick_queries_under_a_short_timeout(local):
+def test_many_quick_queries_under_a_short_timeout(local, kind):
     """Timer races: a timer firing just after a query ends must not break the next query."""
-    with _locked(local, SandboxLimits(timeout_s=0.1)) as sb:
+    with _locked(local, SandboxLimits(timeout_s=0.1), kind=kind) as sb:
         ok = 0
         for _ in range(60):
             with contextlib.suppress(QueryTimeout):
@@ -592,15 +645,15 @@ def test_many_quick_queries_under_a_short_timeout(local):
         assert sb.execute("SELECT 42 AS x").column("x")[0].as_py() == 42
 
 
-def test_memory_limit_without_spill_fails_cleanly(local):
-    with _locked(local, SandboxLimits(memory_limit="64MB", spill=False)) as sb:
+def test_memory_limit_without_spill_fails_cleanly(local, kind):
+    with _locked(local, SandboxLimits(memory_limit="64MB", spill=False), kind=kind) as sb:
         with pytest.raises(SandboxError, match="memory limit"):
             sb.execute("SELECT count(*) FROM (SELECT range, random() AS r FROM range(20000000) ORDER BY r)")
         assert _count(sb) == TOTAL
 
 
-def test_spill_goes_to_the_private_temp_dir(local):
-    with _locked(local, SandboxLimits(memory_limit="64MB", threads=1, timeout_s=60)) as sb:
+def test_spill_goes_to_the_private_temp_dir(local, kind):
+    with _locked(local, SandboxLimits(memory_limit="64MB", threads=1, timeout_s=60), kind=kind) as sb:
         t = sb.execute(
             "SELECT count(*) AS n FROM (SELECT range, random() AS r FROM range(6000000) ORDER BY r)"
         )
@@ -638,7 +691,7 @@ def _s3_put(storage: LakeStorage, bucket: str, key: str, data: bytes) -> None:
     storage.boto3.put_object(Bucket=bucket, Key=key, Body=data)
 
 
-def test_key_checks_on_both_backends(lake_url, tmp_path):
+def test_key_checks_on_both_backends(lake_url, tmp_path, kind):
     """The views read through the lock, and the canaries (outside the lake prefix, in another bucket,
     on local disk) and the private catalog stay out of reach: on a local folder and on Ceph RGW."""
     storage = LakeStorage(lake_url, load_settings())
@@ -659,7 +712,7 @@ def test_key_checks_on_both_backends(lake_url, tmp_path):
         canary_pq, canary_txt = str(tmp_path / "canary.parquet"), str(local_txt)
     try:
         fx = LakeFixture(storage, files, private, canary_pq, canary_txt, str(tmp_path))
-        with _locked(fx, SandboxLimits(timeout_s=1.5, spill=False)) as sb:
+        with _locked(fx, SandboxLimits(timeout_s=1.5, spill=False), kind=kind) as sb:
             assert _count(sb) == TOTAL  # httpfs reads work after enable_external_access=false
             assert sb.execute("SELECT * FROM __dac_t0 LIMIT 1").schema.names == [
                 "object_id",
@@ -715,3 +768,160 @@ def test_key_checks_on_both_backends(lake_url, tmp_path):
         if other_bucket:
             storage.boto3.delete_object(Bucket=other_bucket, Key="c.parquet")
             storage.boto3.delete_bucket(Bucket=other_bucket)
+
+
+# ---------------------------------------------------------------------------------- the long-lived database
+def test_database_relations_are_private_to_a_query_and_dropped_after_it(local):
+    with SandboxDatabase(local.storage, local.files, SandboxLimits(timeout_s=20), connections=1) as db:
+        with db.query() as q:
+            q.define_relation("__dac_t0", local.files[:1])
+            q.register_table("__dac_u0", pa.table({"x": [1, 2, 3]}))
+            assert _count(q) == ROWS_PER_FILE
+            assert q.execute("SELECT sum(x) AS s FROM __dac_u0").column("s")[0].as_py() == 6
+            con = q._con
+        # the same (only) connection, lent to the next query: the previous relations are gone
+        with db.query() as q:
+            assert q._con is con
+            for sql in (COUNT_SQL, "SELECT * FROM __dac_u0"):
+                with pytest.raises(QueryRejected, match="unknown table"):
+                    q.execute(sql)
+                with pytest.raises(duckdb.CatalogException):
+                    q._con.execute(sql).fetchall()
+            q.define_relation("__dac_t0", local.files)  # the name is free again
+            assert _count(q) == TOTAL
+        assert db.active == 0
+
+
+def test_database_refuses_files_it_was_not_opened_for(local):
+    with SandboxDatabase(local.storage, local.files[:1], connections=1) as db, db.query() as q:
+        with pytest.raises(SandboxError, match="not readable by this database"):
+            q.define_relation("__dac_t0", local.files)
+        with pytest.raises(ValueError):
+            q.define_relation("__dac_t0", [local.canary_parquet])
+        # DuckDB's own lock: the second file is not in allowed_paths
+        with pytest.raises(duckdb.PermissionException):
+            q._con.execute(f"SELECT count(*) FROM read_parquet('{local.files[1]}')").fetchall()
+        q.define_relation("__dac_t0", local.files[:1])
+        assert _count(q) == ROWS_PER_FILE
+
+
+def test_database_hidden_relations_feed_views_but_not_queries(local):
+    """The cross-match's neighbour table: usable inside a view (CellKey), never by the query text."""
+    from dac_lake.healpix import healpix29
+    from dac_lake.sandbox import CellKey
+
+    part = _catalog_part(0)
+    hp = healpix29(part["ra"].to_numpy(), part["dec"].to_numpy())
+    part = part.append_column("_healpix_29", pa.array(hp))
+    rel = "catalogs/demo/dr1/dataset/Norder=0/Dir=0/Npix=4.parquet"
+    local.storage.write_bytes(rel, _parquet_bytes(part))
+    files = [local.storage.url_of(rel)]
+    with SandboxDatabase(local.storage, files, connections=1) as db, db.query() as q:
+        cells = pa.array([0, 1, 2, 3], pa.int64())
+        # base pixel e is seen from "neighbour" a = e + 100: a relation joined through it is renamed
+        q.register_table("__dac_n0", pa.table({"a": pa.compute.add(cells, 100), "e": cells}), hidden=True)
+        with pytest.raises(QueryRejected, match="unknown table"):
+            q.execute("SELECT * FROM __dac_n0")
+        # shift 58: the key is the row's base pixel (order 0, 0..11)
+        q.define_relation("__dac_t0", files, keys=[CellKey("__dac_k", 58, "__dac_n0")])
+        q.define_relation("__dac_t1", files, keys=[CellKey("__dac_k", 58)])
+        got = q.execute("SELECT __dac_k - 100 AS k, count(*) AS n FROM __dac_t0 GROUP BY 1 ORDER BY 1")
+        want = q.execute(
+            "SELECT __dac_k AS k, count(*) AS n FROM __dac_t1 WHERE __dac_k < 4 GROUP BY 1 ORDER BY 1"
+        )
+        assert got.to_pylist() == want.to_pylist() and len(want) == 4
+        base = (part["_healpix_29"].to_numpy() >> 58).tolist()
+        assert sorted(q.distinct_cells("__dac_t1", "__dac_k").to_pylist()) == sorted(set(base))
+
+
+def test_database_concurrent_queries_in_threads(local):
+    """Eight threads, four connections: each query defines `__dac_t0` over its own files and its own Arrow
+    table, and sees exactly those, while the other threads do the same; a slow query times out alone."""
+    limits = SandboxLimits(timeout_s=20)
+    expected = {0: ROWS_PER_FILE, 1: ROWS_PER_FILE, 2: TOTAL}
+    errors: list[BaseException] = []
+    with SandboxDatabase(local.storage, local.files, limits, connections=4) as db:
+
+        def work(worker: int) -> None:
+            try:
+                for i in range(12):
+                    which = (worker + i) % 3
+                    files = local.files if which == 2 else [local.files[which]]
+                    marker = worker * 1000 + i
+                    with db.query() as q:
+                        q.define_relation("__dac_t0", files)
+                        q.register_table("__dac_u0", pa.table({"m": [marker] * (worker + 1)}))
+                        t = q.execute(
+                            "SELECT (SELECT count(*) FROM __dac_t0) AS n, "
+                            "(SELECT min(m) FROM __dac_u0) AS m, (SELECT count(*) FROM __dac_u0) AS k"
+                        )
+                        assert t.to_pylist() == [{"n": expected[which], "m": marker, "k": worker + 1}]
+                        q.execute("SELECT object_id FROM __dac_t0 WHERE object_id % 997 = 0")
+                        assert q.last_profile["io"]["files_read"] <= len(files)
+                        assert set(q.last_profile["io"]["files"]) <= set(files)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        def slow() -> None:
+            try:
+                with db.query(SandboxLimits(timeout_s=1.0)) as q:
+                    q.define_relation("__dac_t0", local.files)
+                    t0 = time.monotonic()
+                    with pytest.raises(QueryTimeout):
+                        q.execute(SLOW_SQL)
+                    assert time.monotonic() - t0 < 3.0
+                    assert _count(q) == TOTAL
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+        threads.append(threading.Thread(target=slow))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors[0]
+        assert db.active == 0
+
+
+def test_database_waits_for_a_free_connection_and_retires(local):
+    db = SandboxDatabase(local.storage, local.files, SandboxLimits(timeout_s=20), connections=1)
+    first = db.query()
+    with pytest.raises(QueryTimeout, match="busy"):
+        db.query(wait_s=0.2)
+    released = threading.Timer(0.3, first.close)
+    released.start()
+    with db.query(wait_s=5) as q:  # gets the connection once the first query closes
+        q.define_relation("__dac_t0", local.files)
+        assert _count(q) == TOTAL
+        db.retire()  # no new queries; closes when this one ends
+        with pytest.raises(SandboxError, match="closed"):
+            db.query()
+        assert not db.closed
+    assert db.closed
+    tmp = db._tmp
+    assert not os.path.exists(tmp)
+
+
+def test_io_log_parser_reads_duckdb_messages_and_falls_back_to_json():
+    from dac_lake.sandbox import _parse_io_log
+
+    messages = pa.array(
+        [
+            '{"fs":"LocalFileSystem","path":"/l/a.parquet","op":"OPEN"}',
+            '{"fs":"LocalFileSystem","path":"/l/a.parquet","op":"READ","bytes":"8","pos":"100"}',
+            '{"fs":"S3FileSystem","path":"s3://b/l/x.parquet","op":"READ","bytes":"4096","pos":"0"}',
+            '{"fs":"LocalFileSystem","path":"/l/q\\"uote.parquet","op":"READ","bytes":"5","pos":"7"}',
+            '{"path":"/l/other-order.parquet","op":"READ","pos":"1","bytes":"2","fs":"x"}',
+            "not json",
+        ]
+    )
+    got = sorted(zip(*_parse_io_log(messages).to_pydict().values(), strict=True))
+    assert got == sorted(
+        [
+            ("/l/a.parquet", 100, 8),
+            ('/l/q"uote.parquet', 7, 5),
+            ("/l/other-order.parquet", 1, 2),
+            ("s3://b/l/x.parquet", 0, 4096),
+        ]
+    )

@@ -221,7 +221,10 @@ def prepare_inputs(work_dir: Path, rows: int, seed: int, xmatch_rows: int) -> In
 def prepare_lake(work_dir: Path, inputs: Inputs, seed: int, max_rows_per_partition: int) -> Path:
     """Ingest both catalogs (with lsdb's default 10 arcsec margin, which lsdb's cross-match needs) into a
     cached lake; every engine except PostgreSQL then reads these very files."""
-    key = f"{inputs.survey_rows}-s{seed}-x{inputs.xmatch_rows}-p{max_rows_per_partition}"
+    from ingest.hats_writer import ROW_GROUP_ROWS
+
+    # the row-group size is part of the layout being measured: a lake written with another one is not reused
+    key = f"{inputs.survey_rows}-s{seed}-x{inputs.xmatch_rows}-p{max_rows_per_partition}-rg{ROW_GROUP_ROWS}"
     lake_dir = work_dir / f"lake-{key}"
     marker = lake_dir / "bench_query_lake.json"
     if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
@@ -620,17 +623,21 @@ def bench_cones(session: Any, engines: list[ConeEngine], centres: list[Centre]) 
 
 
 def bench_aggregate(session: Any, files: list[str], runs: int) -> dict:
-    """ADQL through the engine vs the same SELECT written by hand over read_parquet of the same files, both
-    including their connection (the engine makes a fresh sandbox per query; raw DuckDB a fresh connect)."""
+    """ADQL through the engine vs the same SELECT written by hand over read_parquet of the same files. Both
+    run on a warm DuckDB instance made once: the engine's long-lived sandbox database, and one plain
+    connection with the same thread count and Parquet metadata cache, so the difference is what the
+    engine adds (translation, validation, views, profiling), not instance start-up."""
     listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
     raw_sql = f"SELECT COUNT(*) AS n, AVG(r_mag) AS mean_r FROM read_parquet([{listing}]) WHERE {AGG_WHERE}"
+    raw_con = duckdb.connect(config={"threads": session.engine.limits.threads})
+    raw_con.execute("SET parquet_metadata_cache = true")
 
     def via_adql() -> tuple[int, float]:
         t = session.adql(AGG_ADQL)
         return int(t.column(0)[0].as_py()), float(t.column(1)[0].as_py())
 
     def via_raw() -> tuple[int, float]:
-        n, mean = duckdb.connect().execute(raw_sql).fetchone()
+        n, mean = raw_con.execute(raw_sql).fetchone()
         return int(n), float(mean)
 
     answers = {"adql": via_adql(), "raw": via_raw()}  # warm-up, and the answers to compare
@@ -804,19 +811,15 @@ def _raise_limits(session: Any) -> bool:
 #: (file name ends with, function name) -> label; cumulative seconds per call are reported
 PROFILE_POINTS: list[tuple[str, str, str]] = [
     ("session.py", "cone", "Session.cone (total)"),
-    ("session.py", "_table", "  catalog lookup (Session._table)"),
-    ("engine.py", "adql", "  QueryEngine.adql"),
-    ("translate.py", "translate", "    ADQL parse + translate"),
-    ("engine.py", "plan_scan", "    coverage: files + _healpix_29 ranges"),
-    ("sandbox.py", "__init__", "    sandbox: new DuckDB connection + settings"),
-    ("sandbox.py", "define_relation", "    sandbox: CREATE VIEW over the files"),
-    ("sandbox.py", "lock", "    sandbox: lock"),
-    ("sandbox.py", "check", "    sandbox: validate the SQL (parse + AST walk)"),
-    ("sandbox.py", "_begin", "    sandbox: validate + truncate logs"),
-    ("sandbox.py", "stream", "    sandbox: DuckDB execute (to first batch)"),
-    ("sandbox.py", "_batches", "    sandbox: DuckDB fetch batches (+ profile)"),
-    ("sandbox.py", "_collect_profile", "      profile + I/O log collection"),
-    ("sandbox.py", "close", "    sandbox: close"),
+    ("engine.py", "cone", "  QueryEngine.cone"),
+    ("engine.py", "find_table", "    catalog lookup"),
+    ("cone.py", "read", "    ConeReader.read (coverage, row groups, read, distance)"),
+    ("coverage.py", "cone_ranges29", "      coverage: _healpix_29 ranges"),
+    ("cone.py", "file_index", "      footer statistics (cached)"),
+    ("core.py", "read_row_groups", "      pyarrow: decode the row groups"),
+    ("cone.py", "distance_deg", "      numpy: exact distance"),
+    ("engine.py", "_cone_result", "    sort, columns, result"),
+    ("engine.py", "adql", "  QueryEngine.adql (SQL path, if taken)"),
 ]
 
 
@@ -857,28 +860,40 @@ def profile_cone(session: Any, centres: list[Centre], radius_arcsec: float, call
 
 #: (owner, attribute, label) of the query path's stages, timed by wrapping (no profiler overhead)
 def _stage_points() -> list[tuple[Any, str, str]]:
+    import pyarrow.parquet as pq_mod
+
+    import dac_lake.cone as cone_mod
     import dac_lake.engine as engine_mod
     import dac_lake.sandbox as sandbox_mod
 
-    sb = sandbox_mod.Sandbox
+    eng = engine_mod.QueryEngine
+    sq = sandbox_mod.SandboxQuery
+    # (owner, attribute, label); "cone:" stages are timed during Session.cone, "adql:" ones during the same
+    # cone through Session.adql (some functions serve both paths: each call is counted in its own path)
     return [
-        (engine_mod, "translate", "ADQL parse + translate (sqlglot)"),
-        (engine_mod, "plan_scan", "coverage: partition files + _healpix_29 ranges"),
-        (sb, "__init__", "sandbox: duckdb.connect + settings + logging"),
-        (sb, "define_relation", "sandbox: CREATE VIEW over the files"),
-        (sb, "lock", "sandbox: lock (allow-list, external access off)"),
-        (sb, "check", "sandbox: validate SQL (parse + json AST walk)"),
-        (sb, "execute", "sandbox: execute, total (validate .. fetch .. profile)"),
-        (sb, "_collect_profile", "sandbox: collect profile + FileSystem log"),
-        (sb, "close", "sandbox: close (connection + temp dir)"),
+        (eng, "find_table", "catalog lookup"),
+        (cone_mod, "cone_ranges29", "coverage (_healpix_29 ranges)"),
+        (cone_mod.ConeReader, "file_index", "footer statistics (cached)"),
+        (pq_mod.ParquetFile, "read_row_groups", "pyarrow decodes the row groups"),
+        (cone_mod, "distance_deg", "numpy exact distance"),
+        (eng, "_cone_result", "sort, columns, result table"),
+        (engine_mod, "translate", "parse + translate (sqlglot)"),
+        (engine_mod, "plan_scan", "coverage, partition files"),
+        (sandbox_mod.SandboxDatabase, "query", "lend a connection"),
+        (eng, "_define_relations", "relations (views, or pyarrow read + Arrow table)"),
+        (sq, "check", "validate SQL (cached per text)"),
+        (sq, "stream", "validate + start DuckDB"),
+        (sq, "_collect_profile", "collect DuckDB's profile"),
+        (sq, "close", "drop relations, return the connection"),
     ]
 
 
 def stage_times(session: Any, centres: list[Centre], radius_arcsec: float) -> dict:
-    """Median wall ms per Session.cone call of each stage, measured by wrapping the stage functions with
-    a timer (cProfile inflates Python-heavy stages such as the sqlglot parser several-fold), plus the floor:
-    DuckDB running the very same generated SQL over the very same files and `_healpix_29` filter on a warm,
-    unlocked connection made once. The gap between the two is what the query path adds around DuckDB."""
+    """Median wall ms per call of each stage of `Session.cone` (the row-group path) and of the same cone
+    through `Session.adql` (the SQL path), measured by wrapping the stage functions with a timer
+    (cProfile inflates Python-heavy stages several-fold), plus the floor of the SQL path: DuckDB running
+    the very same generated SQL over the very same files and `_healpix_29` filter on a warm, unlocked
+    connection made once."""
     points = [(o, n, lbl) for o, n, lbl in _stage_points() if hasattr(o, n)]
     acc: dict[str, float] = {}
     originals = [(o, n, getattr(o, n)) for o, n, _ in points]
@@ -893,24 +908,35 @@ def stage_times(session: Any, centres: list[Centre], radius_arcsec: float) -> di
 
         return timed
 
-    per_call: dict[str, list[float]] = {lbl: [] for _, _, lbl in points}
-    per_call["Session.cone total"] = []
-    per_call["DuckDB floor: same SQL, warm plain connection"] = []
+    per_call: dict[str, list[float]] = {}
     floor_con = duckdb.connect()
+    floor_con.execute("SET parquet_metadata_cache = true")
+    r_deg = radius_arcsec / 3600.0
     try:
         for o, n, lbl in points:
             setattr(o, n, wrap(getattr(o, n), lbl))
         for i, c in enumerate(centres):
             acc.clear()
             t = time.perf_counter()
-            session.cone(SURVEY, c.ra, c.dec, radius_arcsec / 3600.0)
-            total = time.perf_counter() - t
+            session.cone(SURVEY, c.ra, c.dec, r_deg)
+            cone_s = time.perf_counter() - t
+            cone_acc = dict(acc)
+            acc.clear()
+            t = time.perf_counter()
+            session.adql(
+                f"SELECT * FROM {SURVEY}.source WHERE 1 = CONTAINS(POINT('ICRS', ra, dec), "
+                f"CIRCLE('ICRS', {c.ra!r}, {c.dec!r}, {r_deg!r}))"
+            )
+            adql_s = time.perf_counter() - t
             if i < 2:  # warm-up
                 continue
-            per_call["Session.cone total"].append(total)
-            for _, _, lbl in points:
-                per_call[lbl].append(acc.get(lbl, 0.0))
-            per_call["DuckDB floor: same SQL, warm plain connection"].append(
+            per_call.setdefault("Session.cone total", []).append(cone_s)
+            for lbl, sec in cone_acc.items():
+                per_call.setdefault(f"cone: {lbl}", []).append(sec)
+            per_call.setdefault("Session.adql total (same cone in ADQL)", []).append(adql_s)
+            for lbl, sec in acc.items():
+                per_call.setdefault(f"adql: {lbl}", []).append(sec)
+            per_call.setdefault("DuckDB alone over the files: same SQL, warm plain connection", []).append(
                 _duckdb_floor(floor_con, session, session.last_result)
             )
     finally:
@@ -927,7 +953,7 @@ def _duckdb_floor(con: duckdb.DuckDBPyConnection, session: Any, result: Any) -> 
 
     storage = session.lake.storage
     t = time.perf_counter()
-    for scan in result.scans:
+    for scan in result.scans:  # views as the engine defines them (TEMP views on its own connection)
         files = [f if os.path.isabs(f) or "://" in f else storage.path(f) for f in scan.files]
         listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
         where = ""

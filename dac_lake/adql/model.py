@@ -6,6 +6,7 @@ inspect them without touching sqlglot.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,14 +83,49 @@ class TableRef:
     regions: list[Region] = field(default_factory=list)
 
 
+#: a point within this fraction of a HEALPix cell's mean size of another lies in that one's cell or one of
+#: its 8 neighbours: the smallest such distance measured over every order 3-16 (random points, and points
+#: near the base-pixel corners where a cell has 7 neighbours) was 0.65-0.70 mean cell sizes; hats assumes
+#: 1/1.6 = 0.625; 0.45 leaves a margin of 1.4 below that
+NEIGHBOUR_SAFE_FRACTION = 0.45
+#: finest cells used for a neighbour join (0.2 arcsec: radii below that gain nothing from finer ones)
+MAX_NEIGHBOUR_ORDER = 20
+
+
+def neighbour_order(radius_deg: float) -> int | None:
+    """The finest HEALPix order whose cells' neighbourhoods (the cell and its 8 neighbours) hold every
+    point within `radius_deg` of any point of the cell; None above ~26 degrees (even order 0 is too fine,
+    the declination band is used instead)."""
+    if not math.isfinite(radius_deg) or radius_deg < 0:
+        return None
+    for order in range(MAX_NEIGHBOUR_ORDER, -1, -1):
+        mean_size = math.degrees(math.sqrt(4 * math.pi / (12 * 4**order)))
+        if radius_deg <= NEIGHBOUR_SAFE_FRACTION * mean_size:
+            return order
+    return None
+
+
 @dataclass
 class CrossMatch:
-    """Two table refs (by relation) joined by `distance <= radius_deg`. The SQL already carries a
-    declination-band pre-filter plus the exact test; this is a hint for smarter partition pairing."""
+    """Two table refs (by relation) joined by `distance <= radius_deg`.
+
+    Without `key`, the SQL carries a declination-band pre-filter plus the exact test (a range join). With
+    `key` (a column name), the SQL instead requires `left.key = right.key` plus the exact test, and the
+    engine must give both relations that column, at HEALPix `order` (cell = `_healpix_29 >> 2(29-order)`):
+    one side (the anchor) its own cell, the other (the expanded side, one of `expandable`) one row per cell
+    `a` whose neighbourhood (`a` and its 8 neighbours) holds the row's own cell, with `key = a`. Any pair
+    within the radius then meets exactly once (`neighbour_order`).
+
+    `expandable`: the relations whose rows this condition filters, i.e. not the preserved side of an outer
+    join. Only those may be repeated through a neighbour table, and only those may be limited to the
+    other side's region grown by the radius (a preserved side keeps its unmatched rows)."""
 
     left: str
     right: str
     radius_deg: float
+    key: str | None = None
+    order: int | None = None
+    expandable: tuple[str, ...] = ()
 
 
 @dataclass

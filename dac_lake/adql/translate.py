@@ -3,8 +3,10 @@
 The translation rebuilds the query tree node by node from an allow-list: every node type, function name
 and clause the user wrote is either understood and re-emitted (with identifiers re-resolved against the
 registry and quoted), or rejected. Nothing the user wrote is copied into the output as text; sqlglot's
-DuckDB generator prints the rebuilt tree. A final check re-parses the output and verifies that it reads
-only the planned relations.
+DuckDB generator prints the rebuilt tree. A final check walks the rebuilt tree and verifies that it reads
+only the planned relations and CTEs; the printed SQL is then parsed again by DuckDB itself, by the sandbox's
+validator, which checks the same and more before anything runs (an earlier sqlglot re-parse here duplicated
+that check and cost ~5 ms, a third of a translation).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import bisect
 import math
 from dataclasses import dataclass
 
-import sqlglot
 from sqlglot import exp
 
 from . import functions as fx
@@ -28,10 +29,11 @@ from .errors import (
     AdqlUnsupported,
 )
 from .geom import TE, GCircle, Geom, GPoint, GPolygon, Hint
-from .model import CrossMatch, OutputColumn, Registry, TableMeta, TableRef, Translation
+from .model import CrossMatch, OutputColumn, Registry, TableMeta, TableRef, Translation, neighbour_order
 from .scope import Meta, Scope, Source, near, unknown_column
 
 RELATION_PREFIX = "__dac_t"
+XMATCH_KEY_PREFIX = "__dac_x"
 MAX_IN_ITEMS = 10_000
 HEALPIX_COLUMN = "_healpix_29"
 INT_TYPES = ("int8", "int16", "int32", "int64")
@@ -85,20 +87,29 @@ class Ctx:
     allow_alias: bool = False
 
 
-def translate(adql: str, registry: Registry, maxrec: int | None = None) -> Translation:
-    """Translate one ADQL query into DuckDB SQL plus the plan the engine needs (see model.Translation)."""
+def translate(
+    adql: str, registry: Registry, maxrec: int | None = None, neighbour_joins: bool = True
+) -> Translation:
+    """Translate one ADQL query into DuckDB SQL plus the plan the engine needs (see model.Translation).
+
+    `neighbour_joins`: plan cross-matches of two catalog tables as an equi-join on HEALPix cells (the
+    engine must then define the `CrossMatch.key` columns, see model.CrossMatch); False keeps the
+    declination-band join, which needs nothing from the engine."""
     if maxrec is not None and maxrec < 0:
         raise AdqlError("MAXREC must be >= 0")
     tree = parse_adql(adql)
     try:
-        return _Translator(adql, registry).run(tree, maxrec)
+        return _Translator(adql, registry, neighbour_joins).run(tree, maxrec)
     except RecursionError:
         raise AdqlTooComplex("query nested too deeply") from None
 
 
 class _Translator:
-    def __init__(self, text: str, registry: Registry) -> None:
+    def __init__(self, text: str, registry: Registry, neighbour_joins: bool = True) -> None:
         self.text = text
+        self.neighbour_joins = neighbour_joins
+        self.keyed: set[str] = set()  # relations already in a neighbour join (one each)
+        self._pending_key: tuple[str, int, tuple[str, ...]] | None = None
         self.line_starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
         self.tables = list(registry.tables())
         self.refs: list[TableRef] = []
@@ -119,18 +130,17 @@ class _Translator:
             lim = target.args.get("limit")
             top = int(lim.expression.name) if lim is not None else None
             target.set("limit", exp.Limit(expression=sqlgeo.num(cap if top is None else min(top, cap))))
+        self._final_check(sql_tree)
         sql = sql_tree.sql(dialect="duckdb", comments=False)
-        self._final_check(sql)
         columns = [OutputColumn(n, m.datatype, m.unit, m.ucd, m.description) for n, m in cols]
         return Translation(sql, self.refs, self.crossmatches, columns, maxrec)
 
-    def _final_check(self, sql: str) -> None:
+    def _final_check(self, tree: exp.Expr) -> None:
         """Defence in depth: the output must be one query reading only planned relations and CTEs."""
-        trees = sqlglot.parse(sql, read="duckdb")
-        if len(trees) != 1 or not isinstance(trees[0], (exp.Select, exp.SetOperation, exp.Subquery)):
+        if not isinstance(tree, (exp.Select, exp.SetOperation, exp.Subquery)):
             raise AdqlError("internal error: generated SQL is not a single query")  # pragma: no cover
         allowed = {r.relation for r in self.refs} | self.cte_names
-        for table in trees[0].find_all(exp.Table):
+        for table in tree.find_all(exp.Table):
             if not isinstance(table.this, exp.Identifier) or table.name not in allowed or table.db:
                 raise AdqlError(
                     f"internal error: generated SQL reads {table.sql('duckdb')}"
@@ -597,6 +607,9 @@ class _Translator:
         out: list[exp.Expr] = []
         for c in conjuncts:
             sql, hint, band = self._conjunct(c, ctx)
+            key = self._neighbour_key(hint, ctx.scope, eligible) if hint is not None else None
+            if key is not None:
+                out.append(key)  # the join key; the band below stays as a cheap filter before the distance
             if band is not None:
                 out.append(band)
             out.append(sql)
@@ -605,12 +618,50 @@ class _Translator:
         result = exp.and_(*out, copy=False) if len(out) > 1 else out[0]
         return result
 
+    def _neighbour_key(self, hint: Hint, scope: Scope, eligible: list[Source]) -> exp.Expr | None:
+        """For a cross-match of two catalog tables: `a.key = b.key`, the equi-join on HEALPix cells that
+        DuckDB then joins on instead of the declination band (model.CrossMatch says what the engine puts in
+        the key columns). The band stays, as a filter: two comparisons that drop most candidate pairs of
+        neighbouring cells before the haversine distance (1.1 s -> ~0.4 s of a 2M x 10M match).
+
+        The engine joins one side (the "expanded" one) with a neighbour table, which repeats each of its
+        rows once per neighbouring cell; the equality keeps exactly one copy per matching pair. That is
+        only right where every row of the expanded side must satisfy this condition or be dropped: a
+        WHERE conjunct or an inner join's ON, or the non-preserved side of an outer join (`eligible`); a
+        preserved side would also keep its unmatched copies. A relation takes part in one neighbour join
+        at most (several would multiply its copies); further cross-matches keep the band."""
+        if not self.neighbour_joins or hint.other is None or hint.source is None or hint.radius is None:
+            return None
+        if hint.source not in scope.sources or hint.other not in scope.sources:
+            return None
+        a, b = hint.source.ref, hint.other.ref
+        order = neighbour_order(hint.radius)
+        if a is None or b is None or order is None or {a.relation, b.relation} & self.keyed:
+            return None
+        expandable = tuple(s.ref.relation for s in (hint.source, hint.other) if s in eligible and s.ref)
+        if not expandable:
+            return None
+        key = f"{XMATCH_KEY_PREFIX}{len(self.crossmatches)}"
+        self.keyed |= {a.relation, b.relation}
+        self._pending_key = (key, order, expandable)
+        return exp.EQ(
+            this=self._colref(hint.source, key),
+            expression=self._colref(hint.other, key),
+        )
+
     def _record(self, hint: Hint, scope: Scope, eligible: list[Source]) -> None:
         if hint.other is not None and hint.source is not None and hint.radius is not None:
+            pending, self._pending_key = self._pending_key, None
             if hint.source in scope.sources and hint.other in scope.sources:
                 a, b = hint.source.ref, hint.other.ref
                 if a is not None and b is not None:
-                    self.crossmatches.append(CrossMatch(a.relation, b.relation, hint.radius))
+                    filtered = tuple(
+                        s.ref.relation for s in (hint.source, hint.other) if s in eligible and s.ref
+                    )
+                    cm = CrossMatch(a.relation, b.relation, hint.radius, expandable=filtered)
+                    if pending is not None:
+                        cm.key, cm.order, cm.expandable = pending
+                    self.crossmatches.append(cm)
             return
         src = hint.source
         if src is not None and hint.region is not None and src in eligible and src.ref is not None:

@@ -268,7 +268,7 @@ class QueryEngine:
         tables = self.registry.lake_tables()
         lim = self.limits
         key = (
-            tuple(sorted({(t.catalog, t.release) for t in tables})),
+            tuple(sorted({(t.catalog, t.release, t.dataset_prefix) for t in tables})),
             (lim.memory_limit, int(lim.threads), lim.max_temp_size, lim.spill, lim.max_sql_chars),
             self.connections,
         )
@@ -278,9 +278,11 @@ class QueryEngine:
                 return db
             files, seen = [], set()
             for t in tables:
-                if (t.catalog, t.release) in seen:
+                # a release is listed twice (catalog and "catalog@release"); an alert stream has several
+                # tables per snapshot: one entry per dataset
+                if t.dataset_prefix in seen:
                     continue
-                seen.add((t.catalog, t.release))
+                seen.add(t.dataset_prefix)
                 files.extend(t.files(t.manifest["partitions"]))
                 files.append(t.schema_file)
             new = SandboxDatabase(

@@ -147,16 +147,11 @@ def example_queries(
 
 
 @functools.lru_cache(maxsize=64)
-def _densest_position(
-    storage, dataset_prefix: str, order: int, pixel: int, ra: str, dec: str
-) -> tuple[float, float]:
+def _median_position(storage, path: str, ra: str, dec: str) -> tuple[float, float]:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from dac_lake.layout import pixel_file
-
-    path = storage.path(f"{dataset_prefix}/{pixel_file(order, pixel)}")
-    with pq.ParquetFile(path, filesystem=storage.pa_fs) as f:
+    with pq.ParquetFile(storage.path(path), filesystem=storage.pa_fs) as f:
         first = f.read_row_group(0, columns=[ra, dec])
     return (
         round(float(np.nanmedian(first[ra].to_numpy())), 4),
@@ -166,12 +161,16 @@ def _densest_position(
 
 def _centre(storage, t) -> tuple[float, float]:
     """A position in the catalog's densest partition (the median of its first row group), so that the
-    example cone there returns rows."""
+    example cone there returns rows. The file comes from `LakeTable.files`, which knows both a release's
+    one file per partition and an alert table's snapshot-listed batch files."""
     parts = t.manifest.get("partitions") or []
     if not parts:
         return (0.0, 0.0)
-    order, pixel, _ = max(parts, key=lambda p: p[2] * 4 ** p[0])
-    return _densest_position(storage, t.dataset_prefix, order, pixel, t.meta.ra_column, t.meta.dec_column)
+    order, pixel, rows = max(parts, key=lambda p: p[2] * 4 ** p[0])[:3]
+    files = t.files([(order, pixel, rows)])
+    if not files:
+        return (0.0, 0.0)
+    return _median_position(storage, files[0], t.meta.ra_column, t.meta.dec_column)
 
 
 SAMPLE_VOTABLE = """<?xml version="1.0" encoding="UTF-8"?>

@@ -286,6 +286,14 @@ class LakeStorage:
 
     def list_dir(self, rel: str) -> list[str]:
         """Names (not paths) directly under `rel`, files and 'directories'; [] if it does not exist."""
+        if not self.is_s3:
+            # os.listdir, not pyarrow: pyarrow stats every entry and fails the whole listing with
+            # ENOENT when a concurrent writer's `.tmp-` file vanishes between readdir and stat.
+            try:
+                entries = os.listdir(self.path(rel))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            return sorted(n for n in entries if not n.startswith(".tmp-"))
         selector = pafs.FileSelector(self.path(rel), recursive=False, allow_not_found=True)
         names = []
         for info in self.pa_fs.get_file_info(selector):
@@ -295,7 +303,20 @@ class LakeStorage:
         return sorted(set(names))
 
     def walk_files(self, rel: str) -> Iterator[tuple[str, int]]:
-        """(relative path, size) of every file under `rel`."""
+        """(relative path, size) of every file under `rel` (writers' `.tmp-` files excluded)."""
+        if not self.is_s3:
+            # os.walk tolerates entries that vanish mid-walk (see list_dir); pyarrow does not.
+            for folder, _dirs, files in os.walk(self.path(rel)):
+                for name in files:
+                    if name.startswith(".tmp-"):
+                        continue
+                    full = os.path.join(folder, name)
+                    try:
+                        size = os.stat(full).st_size
+                    except FileNotFoundError:
+                        continue
+                    yield self.rel_of(full), size
+            return
         selector = pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True)
         for info in self.pa_fs.get_file_info(selector):
             if info.type == pafs.FileType.File:

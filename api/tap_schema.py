@@ -164,50 +164,80 @@ class SchemaInfo:
 
 
 def lake_schemas(tables: Sequence[LakeTable]) -> list[SchemaInfo]:
-    """The schemas a caller sees: one per catalog (current release), then TAP_SCHEMA itself."""
+    """The schemas a caller sees, each once with all its tables: one per catalog (its current release),
+    one per alert stream (its tables at the newest snapshot), then TAP_SCHEMA itself.
+
+    Grouped by schema because TAP_SCHEMA.schemas is keyed by `schema_name` (TAP 1.1 section 4.1) and
+    `/tables` nests tables in their schema: an alert stream has four tables in one schema, and listing
+    the schema once per table would give clients (TOPCAT's browser, pyvo) duplicate schemas."""
     releases: dict[str, list[str]] = {}
     for t in tables:
         releases.setdefault(t.catalog, []).append(t.release)
-    out: list[SchemaInfo] = []
+    grouped: dict[str, list[LakeTable]] = {}
+    # sorted by catalog only: a stable sort keeps the registry's order of a stream's tables
     for t in sorted(tables, key=lambda t: t.catalog):
         if t.meta.schema != t.catalog:  # a "catalog@release" alias: described in its catalog's schema
             continue
-        d = t.definition
-        cols = []
-        id_column = d.get("id_column")
-        for c in d["columns"]:
-            indexed = c["name"] in (d.get("ra_column"), d.get("dec_column"), id_column)
-            cols.append(
-                ColumnInfo(
-                    name=c["name"],
-                    datatype=c["datatype"],
-                    description=c.get("description") or "",
-                    unit=c.get("unit") or "",
-                    ucd=c.get("ucd") or "",
-                    utype=c.get("utype") or "",
-                    principal=bool(c.get("principal")),
-                    indexed=indexed,
-                )
+        grouped.setdefault(t.catalog, []).append(t)
+    out = [
+        SchemaInfo(schema, _schema_description(members), tuple(_table_info(t, releases) for t in members))
+        for schema, members in grouped.items()
+    ]
+    out.append(tap_schema_info())
+    return out
+
+
+def _is_alert_table(t: LakeTable) -> bool:
+    return bool(t.manifest) and t.manifest.get("kind") == "alerts"
+
+
+def _schema_description(members: Sequence[LakeTable]) -> str:
+    first = members[0]
+    if _is_alert_table(first):
+        title = (first.manifest.get("stream_title") or f"{first.catalog} alert stream").strip()
+        about = (first.manifest.get("stream_description") or "").strip()
+        return f"{title}. {about}".strip() if about else title
+    return (first.definition.get("title") or first.catalog).strip()
+
+
+def _table_info(t: LakeTable, releases: dict[str, list[str]]) -> TableInfo:
+    d = t.definition
+    cols = []
+    id_column = d.get("id_column")
+    for c in d["columns"]:
+        indexed = c["name"] in (d.get("ra_column"), d.get("dec_column"), id_column)
+        cols.append(
+            ColumnInfo(
+                name=c["name"],
+                datatype=c["datatype"],
+                description=c.get("description") or "",
+                unit=c.get("unit") or "",
+                ucd=c.get("ucd") or "",
+                utype=c.get("utype") or "",
+                principal=bool(c.get("principal")),
+                indexed=indexed,
             )
+        )
+    description = (d.get("description") or d.get("title") or "").strip()
+    if _is_alert_table(t):
+        others: list[str] = []
+        note = f" Snapshot {t.manifest.get('snapshot')} (the stream's newest; micro-batches append rows)."
+    else:
         others = sorted(r for r in set(releases[t.catalog]) if r != t.release)
-        description = (d.get("description") or d.get("title") or "").strip()
         note = f" Release {t.release} (current)."
         if others:
             note += " Other releases, queryable as " + ", ".join(
                 f'"{t.catalog}@{r}".{t.meta.name}' for r in others
             )
             note += "."
-        table = TableInfo(
-            schema=t.catalog,
-            name=t.meta.name,
-            description=(description + note).strip(),
-            columns=tuple(cols),
-            rows=int(t.manifest.get("rows", 0)) if t.manifest else None,
-            releases=tuple([t.release, *others]),
-        )
-        out.append(SchemaInfo(t.catalog, (d.get("title") or t.catalog).strip(), (table,)))
-    out.append(tap_schema_info())
-    return out
+    return TableInfo(
+        schema=t.catalog,
+        name=t.meta.name,
+        description=(description + note).strip(),
+        columns=tuple(cols),
+        rows=int(t.manifest.get("rows", 0)) if t.manifest else None,
+        releases=tuple([t.release, *others]),
+    )
 
 
 def tap_schema_info() -> SchemaInfo:

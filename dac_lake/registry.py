@@ -179,7 +179,13 @@ class LakeRegistry:
                 definition["groups"] = list(config.groups)
                 if not readable(definition, self.groups):
                     break  # a stream's tables share its groups
-                manifest = registry_manifest(config, snapshot, table)
+                # the stream's title and description travel with each table: TAP_SCHEMA and /tables
+                # describe the stream's schema with them (`api.tap_schema.lake_schemas`)
+                manifest = dict(
+                    registry_manifest(config, snapshot, table),
+                    stream_title=config.title,
+                    stream_description=config.description,
+                )
                 meta = _table_meta(stream, definition)
                 out.append(LakeTable(meta, stream, f"snapshot-{snapshot.seq:06d}", manifest, definition))
         return out

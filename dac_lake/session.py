@@ -7,19 +7,17 @@ locked sandbox), so a notebook sees exactly what TAP users see; row counts come 
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import pyarrow as pa
 
-from dac_lake import layout
 from dac_lake.adql import AdqlUnknownTable
 from dac_lake.duckdb_io import new_connection
 from dac_lake.engine import QueryEngine, QueryResult
 from dac_lake.lake import Lake, LakeError
-from dac_lake.layout import pixel_file
+from dac_lake.registry import LakeTable
 from dac_lake.sandbox import SandboxLimits
 from dac_lake.storage import LakeStorage
 
@@ -60,28 +58,46 @@ class Session:
         return "*" in self.engine.registry.groups
 
     def tables(self) -> list[str]:
-        """Published catalogs this session may read."""
+        """Published catalogs and alert streams this session may read (the ADQL schemas, without the
+        `"catalog@release"` aliases)."""
         return sorted({t.catalog for t in self.engine.registry.lake_tables() if t.meta.schema == t.catalog})
 
+    def lake_table(self, name: str, release: str | None = None) -> LakeTable:
+        """The registry table behind 'catalog', 'catalog.table', '"catalog@release".table' or
+        'stream.table' (an alert stream has several tables, so its name alone is ambiguous), optionally
+        at a given `release` of a catalog. One resolution for `manifest`, `files` and `count`, so that
+        they work for alert streams (files listed by a snapshot) as for release catalogs."""
+        schema, dot, table = name.partition(".")
+        schema = schema.strip('"')
+        if release is not None:
+            schema = f"{schema.split('@')[0]}@{release}"
+        tables = self.engine.registry.lake_tables()
+        candidates = [t for t in tables if t.meta.schema.lower() == schema.lower()]
+        if dot:
+            candidates = [t for t in candidates if t.meta.name.lower() == table.strip('"').lower()]
+        if not candidates:
+            published = ", ".join(self.tables()) or "none"
+            raise LakeError(f"no published catalog {name!r}; catalogs and alert streams: {published}")
+        if len(candidates) > 1:
+            names = ", ".join(t.qualified_name for t in candidates)
+            raise LakeError(f"{name!r} has several tables: name one of {names}")
+        return candidates[0]
+
     def manifest(self, catalog: str, release: str | None = None) -> dict:
-        release = release or self.lake.current_release(catalog)
-        if catalog not in self.tables():
-            release = None  # not published, or not readable by this session: the same answer
-        if release is None:
-            raise LakeError(
-                f"no published catalog {catalog!r}; published: {', '.join(self.tables()) or 'none'}"
-            )
-        return _read_manifest(self.lake.storage, catalog, release)
+        """A release's manifest, or for an alert table its newest snapshot's partitions and files (the
+        same keys: `partitions` as [order, pixel, rows], `rows`)."""
+        return self.lake_table(catalog, release).manifest
 
     def files(self, catalog: str, partitions: list | None = None, release: str | None = None) -> list[str]:
-        manifest = self.manifest(catalog, release)
-        base = f"{layout.release_prefix(catalog, manifest['release'])}/{manifest['catalog_path']}/dataset"
-        parts = manifest["partitions"] if partitions is None else partitions
-        return [self.lake.storage.url_of(f"{base}/{pixel_file(o, p)}") for o, p, _ in parts]
+        """URLs of the data files of `partitions` ([order, pixel, ...] items; default: all of them). An
+        alert table's partition is a folder of batch files: only those its snapshot lists are returned."""
+        lt = self.lake_table(catalog, release)
+        parts = lt.manifest["partitions"] if partitions is None else partitions
+        return [self.lake.storage.url_of(path) for path in lt.files(parts)]
 
     def count(self, catalog: str, release: str | None = None) -> int:
-        """Row count from the manifest's per-partition counts: never a scan."""
-        return int(self.manifest(catalog, release)["rows"])
+        """Row count from the manifest's (or the alert snapshot's) per-partition counts: never a scan."""
+        return int(self.lake_table(catalog, release).manifest["rows"])
 
     # ------------------------------------------------------------------ queries
     def adql(self, text: str, maxrec: int | None = None, timeout_s: float | None = None) -> pa.Table:
@@ -156,16 +172,22 @@ class Session:
         return self.adql(text, maxrec=maxrec)
 
     def sql(self, text: str) -> pa.Table:
-        """Trusted DuckDB SQL (admins, notebooks; not for untrusted text) with each published catalog as a
-        view of its name over the current release's files."""
+        """Trusted DuckDB SQL (admins, notebooks; not for untrusted text). Each published catalog is a view
+        of its name over the current release's files (`testcat`); each alert table a view in a schema of
+        its stream's name over the newest snapshot's files (`ztf.objects`), as ADQL names it."""
         if not self.trusted:
             raise LakeError("sql() is for sessions that may read every catalog; use adql()")
-        for catalog in self.tables():
-            files = self.files(catalog)
-            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-            self.con.execute(
-                f"CREATE OR REPLACE VIEW {_quote_ident(catalog)} AS SELECT * FROM read_parquet([{listing}])"
-            )
+        for lt in self.engine.registry.lake_tables():
+            if lt.meta.schema != lt.catalog:  # "catalog@release" aliases: not views
+                continue
+            files = lt.files(lt.manifest["partitions"]) or [lt.schema_file]  # no rows yet: columns only
+            listing = ", ".join("'" + self.lake.storage.url_of(f).replace("'", "''") + "'" for f in files)
+            if lt.manifest.get("kind") == "alerts":
+                self.con.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote_ident(lt.catalog)}")
+                view = f"{_quote_ident(lt.catalog)}.{_quote_ident(lt.meta.name)}"
+            else:
+                view = _quote_ident(lt.catalog)
+            self.con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet([{listing}])")
         return self.con.execute(text).to_arrow_table()
 
 
@@ -181,12 +203,6 @@ def _adql_table(lt) -> str:
 
 def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
-
-def _read_manifest(storage: LakeStorage, catalog: str, release: str) -> dict:
-    return json.loads(
-        storage.read_text(f"{layout.release_prefix(catalog, release)}/{layout.RELEASE_MANIFEST}")
-    )
 
 
 def connect(lake_url: str | None = None, identity: frozenset[str] | set[str] | None = None) -> Session:

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from dac_lake.settings import load_settings
+from ingest.alerts.cli import alerts_app, ingest_alerts
 
 app = typer.Typer(help="dac-lake: a Data Access Centre on a HATS lake", no_args_is_help=True)
 config_app = typer.Typer(help="Settings", no_args_is_help=True)
@@ -25,6 +26,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(lake_app, name="lake")
 app.add_typer(release_app, name="release")
 app.add_typer(ingest_app, name="ingest")
+app.add_typer(alerts_app, name="alerts")
+ingest_app.command("alerts")(ingest_alerts)
 
 LakeOpt = Annotated[str | None, typer.Option("--lake", help="lake URL: s3://bucket[/prefix] or a local path")]
 log = logging.getLogger("dac")

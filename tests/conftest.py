@@ -143,4 +143,5 @@ def write_parts(table: pa.Table, folder: Path, parts: int = 3) -> list[str]:
 
 
 # the real TAP service (a demo lake served by `dac serve` on 127.0.0.1) for the service tests
+from tests.kafka_fixtures import kafka  # noqa: E402, F401
 from tests.service_fixtures import served, service_lake  # noqa: E402, F401

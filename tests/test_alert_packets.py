@@ -14,10 +14,8 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -422,38 +420,7 @@ def test_real_packets_decode_and_normalise(tmp_path):
 # ------------------------------------------------------------------------------------------------ Kafka
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def kafka():
-    if os.environ.get("DAC_TEST_KAFKA_BOOTSTRAP"):
-        yield os.environ["DAC_TEST_KAFKA_BOOTSTRAP"]
-        return
-    folder = Path(tempfile.mkdtemp(prefix="dac-kafka-")) / "broker"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
-    proc = subprocess.run(
-        [str(REPO / "scripts" / "kafka.sh"), "start", str(folder), str(_free_port())],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"no Kafka-protocol broker: scripts/kafka.sh start failed: {proc.stderr.strip()}")
-    bootstrap = next(line.split("=", 1)[1] for line in proc.stdout.splitlines() if "KAFKA_BOOTSTRAP=" in line)
-    try:
-        yield bootstrap
-    finally:
-        subprocess.run(
-            [str(REPO / "scripts" / "kafka.sh"), "stop", str(folder)], capture_output=True, timeout=60
-        )
-
-
-FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "max.poll.interval.ms": 20000}
+from tests.kafka_fixtures import FAST_GROUP  # noqa: E402
 
 CONSUMER = textwrap.dedent("""
     import json, sys, time

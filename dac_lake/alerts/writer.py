@@ -153,6 +153,12 @@ class CommitResult:
     pixels: int = 0
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    #: the batch's rows as committed (new detections; objects it created or updated, with their new
+    #: aggregates): what the broker matches and filters, without reading the files back. None if skipped.
+    detections: pa.Table | None = field(default=None, repr=False)
+    objects: pa.Table | None = field(default=None, repr=False)
+    #: ids of the objects this batch created (first seen): what context matching runs on
+    first_seen: pa.Array | None = field(default=None, repr=False)
 
 
 def load_table_definitions(directory: str | Path | None = None) -> dict[str, CatalogDef]:
@@ -587,9 +593,11 @@ class AlertLake:
         missing = [p for p in touched if p not in objects_by_pixel and p in stored_pixels]
         if missing:  # a mean position moved beyond the neighbourhood: its pixel must be rewritten whole
             objects_by_pixel.update(self.pixel_objects(missing, base))
+        result.first_seen = new_objects.column("object_id").combine_chunks()
         if previous.num_rows and new_objects.num_rows:
             known = pc.is_in(new_objects.column("object_id"), value_set=previous.column("object_id"))
             result.objects_updated = int(pc.sum(known).as_py() or 0)
+            result.first_seen = result.first_seen.filter(pc.invert(known.combine_chunks()))
         result.objects_new = new_objects.num_rows - result.objects_updated
         lap("objects")
 
@@ -671,6 +679,7 @@ class AlertLake:
         self.publish_hats_metadata(snapshot, base, changed)
         lap("hats_metadata")
         result.seq = snapshot.seq
+        result.detections, result.objects = det, new_objects
         result.seconds = round(time.perf_counter() - t0, 4)
         result.timings = timings
         log.info(

@@ -107,16 +107,31 @@ class Visit:
         return 2.5 / math.log(10) * self.flux_err / abs(self.flux)
 
 
-def simulate(family: str, objects: int, nights: int, seed: int = 0) -> tuple[list[SimObject], list[Visit]]:
-    """Objects and their visits (time ordered); every detection gets a unique id."""
+def simulate(
+    family: str, objects: int, nights: int, seed: int = 0, fields: int = 0, field_radius_deg: float = 1.75
+) -> tuple[list[SimObject], list[Visit]]:
+    """Objects and their visits (time ordered); every detection gets a unique id.
+
+    `fields` = 0: objects anywhere on the sky and observed at scattered times, so any run of alerts is
+    all-sky (the hardest case for a HEALPix-partitioned writer). `fields` = N: objects lie in N telescope
+    fields (caps of `field_radius_deg`; 1.75 deg is Rubin's 9.6 deg2) and each night every field is visited
+    once per band, one field after another, so the alert stream arrives visit by visit as a survey's does."""
     rng = np.random.default_rng(seed)
     objs: list[SimObject] = []
     span = max(nights, 1)
+    centres = [(float(rng.uniform(0.0, 360.0)), float(np.degrees(np.arcsin(rng.uniform(-0.9, 0.9)))))
+               for _ in range(fields)]  # fmt: skip
+    field_of: list[int] = []
     for i in range(objects):
         u = rng.random()
         kind = "moving" if i % 20 == 7 else "variable" if u < 0.26 else "transient"
-        ra = float(rng.uniform(0.0, 360.0))
-        dec = float(np.degrees(np.arcsin(rng.uniform(-1.0, 1.0))))
+        if fields:
+            f = int(rng.integers(0, fields))
+            field_of.append(f)
+            ra, dec = _in_cap(rng, *centres[f], field_radius_deg)
+        else:
+            ra = float(rng.uniform(0.0, 360.0))
+            dec = float(np.degrees(np.arcsin(rng.uniform(-1.0, 1.0))))
         deep = LIMITS[family] - 20.4
         o = SimObject(i, kind, ra, dec, colour=float(rng.normal(0.3, 0.3)))
         if kind == "transient":
@@ -146,9 +161,15 @@ def simulate(family: str, objects: int, nights: int, seed: int = 0) -> tuple[lis
                 bands = ["g", "r", "i"][:k]
             else:
                 bands = list(rng.choice(bands_all, size=k, replace=False))
-            base = MJD_START + n + 0.15 + float(rng.uniform(0.0, 0.2))
+            if fields:  # a visit per (field, band) slot of the night
+                slot = 0.3 / (fields * 3)
+                base = MJD_START + n + 0.15 + field_of[o.index] * 3 * slot
+                step = slot
+            else:
+                base = MJD_START + n + 0.15 + float(rng.uniform(0.0, 0.2))
+                step = 0.02
             for j, band in enumerate(bands):
-                mjd = round(base + 0.02 * j, 6)
+                mjd = round(base + step * j + (float(rng.uniform(0.0, 1e-5)) if fields else 0.0), 7)
                 limit = float(LIMITS[family] + rng.normal(0.0, 0.3))
                 err = 10 ** (-0.4 * (limit - ZP_NJY)) / 5.0
                 true = o.diff_flux(mjd, band)
@@ -177,6 +198,19 @@ def simulate(family: str, objects: int, nights: int, seed: int = 0) -> tuple[lis
         if v.detected:
             v.det_id = base_id + k * 1000 + v.obj % 1000
     return objs, visits
+
+
+def _in_cap(rng: np.random.Generator, ra0: float, dec0: float, radius_deg: float) -> tuple[float, float]:
+    """A point uniform in the spherical cap of `radius_deg` around (ra0, dec0)."""
+    cos_r = math.cos(math.radians(radius_deg))
+    z = float(rng.uniform(cos_r, 1.0))  # cos of the distance from the centre
+    phi = float(rng.uniform(0.0, 2 * math.pi))
+    r = math.sqrt(max(0.0, 1 - z * z))
+    x, y = r * math.cos(phi), r * math.sin(phi)  # around the pole, then rotate to (ra0, dec0)
+    d0, a0 = math.radians(90.0 - dec0), math.radians(ra0)
+    x1, z1 = x * math.cos(d0) + z * math.sin(d0), -x * math.sin(d0) + z * math.cos(d0)
+    x2, y2 = x1 * math.cos(a0) - y * math.sin(a0), x1 * math.sin(a0) + y * math.cos(a0)
+    return math.degrees(math.atan2(y2, x2)) % 360.0, math.degrees(math.asin(max(-1.0, min(1.0, z1))))
 
 
 # --------------------------------------------------------------------------------- records from schemas
@@ -269,10 +303,12 @@ def build_alerts(
     version: str | None = None,
     history_days: float = 30.0,
     cutout_pixels: int = 16,
+    fields: int = 0,
 ) -> tuple[SchemaInfo, list[dict[str, Any]]]:
-    """Alert records (dicts in the schema's own shape), in time order, and the schema they follow."""
+    """Alert records (dicts in the schema's own shape), in time order, and the schema they follow
+    (`fields`: see `simulate`)."""
     info = registry().get(family, version) if version else registry().latest(family)
-    objs, visits = simulate(family, objects, nights, seed)
+    objs, visits = simulate(family, objects, nights, seed, fields=fields)
     rng = np.random.default_rng(seed + 1)
     stamps = [_fits_stamp(rng, cutout_pixels) for _ in range(16)]
     tpl = Templates(info)
@@ -637,6 +673,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", choices=["alert", "night"], default="alert")
     ap.add_argument("--format", choices=["container", "confluent"], default=None)
     ap.add_argument("--history-days", type=float, default=30.0)
+    ap.add_argument("--fields", type=int, default=0, help="objects in N telescope fields visited in turn "
+                    "(0: all-sky, scattered times)")  # fmt: skip
     args = ap.parse_args(argv)
     info, records = build_alerts(
         args.family,
@@ -645,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         version=args.schema_version,
         history_days=args.history_days,
+        fields=args.fields,
     )
     files = write_alerts(records, info, args.out, args.layout, args.format)
     json.dump(

@@ -36,6 +36,8 @@ class Batch:
     """Packets in delivery order with their positions."""
 
     packets: list[Packet] = field(default_factory=list)
+    #: wall-clock time (time.time()) the first packet of the batch arrived: the start of its latency
+    first_at: float | None = None
 
     @property
     def positions(self) -> list[Position]:
@@ -157,6 +159,8 @@ class FileSource(AlertSource):
         """Files are all there: batches are full ones and a last partial one; the iterator then ends."""
         batch = Batch()
         for p in self.packets():
+            if batch.first_at is None:
+                batch.first_at = time.time()
             batch.packets.append(p)
             if len(batch.packets) >= max_alerts:
                 yield batch
@@ -262,6 +266,7 @@ class KafkaSource(AlertSource):
                         batch.packets.append(Packet(pos, _raw=value))
                 if batch.packets and first_at is None:
                     first_at = time.monotonic()
+                    batch.first_at = time.time()
             if batch.packets:
                 idle_since = time.monotonic()
                 yield batch

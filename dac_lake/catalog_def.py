@@ -32,6 +32,19 @@ ARROW_TYPES: dict[str, pa.DataType] = {
 }
 
 
+#: context catalogs (see CatalogDef.context): default and largest match radius, kinds of source
+DEFAULT_CONTEXT_RADIUS_ARCSEC = 30.0
+MAX_CONTEXT_RADIUS_ARCSEC = 600.0
+CONTEXT_TYPES = ("star", "galaxy", "qso", "unknown")
+_CONTEXT_KEYS = (
+    "context",
+    "context_radius_arcsec",
+    "context_fields",
+    "context_type_column",
+    "context_default_type",
+)
+
+
 class DefinitionError(ValueError):
     """A catalog definition file is malformed."""
 
@@ -69,6 +82,15 @@ class CatalogDef:
     columns: tuple[ColumnDef, ...]
     groups: tuple[str, ...] = ("public",)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: a context catalog (`dac_lake.alerts.context`): alert objects are cross-matched with it once, when
+    #: first seen, and the nearest sources within `context_radius_arcsec` are recorded with the values of
+    #: `context_fields`; `context_type_column` (string, bool or stellarity float) or else
+    #: `context_default_type` says what kind of source a row is, for the Sherlock-style classification
+    context: bool = False
+    context_radius_arcsec: float = DEFAULT_CONTEXT_RADIUS_ARCSEC
+    context_fields: tuple[str, ...] = ()
+    context_type_column: str = ""
+    context_default_type: str = ""
 
     def column(self, name: str) -> ColumnDef | None:
         for col in self.columns:
@@ -84,6 +106,7 @@ class CatalogDef:
         data = asdict(self)
         data["columns"] = [asdict(c) for c in self.columns]
         data["groups"] = list(self.groups)
+        data["context_fields"] = list(self.context_fields)
         return data
 
     def to_json(self) -> str:
@@ -122,6 +145,7 @@ class CatalogDef:
                 "id_column",
                 "columns",
                 "groups",
+                *_CONTEXT_KEYS,
             }
             definition = cls(
                 name=name,
@@ -133,6 +157,7 @@ class CatalogDef:
                 columns=tuple(columns),
                 groups=tuple(data.get("groups") or ("public",)),
                 extra={k: v for k, v in data.items() if k not in known_top},
+                **_context_options(data, {c.name: c for c in columns}, source),
             )
         except KeyError as exc:
             raise DefinitionError(f"{source}: missing required key {exc.args[0]!r}") from None
@@ -146,6 +171,66 @@ class CatalogDef:
                     f"{source}: {role} {getattr(definition, role)!r} is not among the columns"
                 )
         return definition
+
+
+def _context_options(data: dict[str, Any], columns: dict[str, ColumnDef], source: str) -> dict[str, Any]:
+    """The context-catalog keys of a definition, checked: a typo here would otherwise surface as an alert
+    stream whose objects silently never get a host galaxy."""
+    given = {k: data[k] for k in _CONTEXT_KEYS if data.get(k) is not None}
+    if not given:
+        return {}
+    enabled = given.get("context", False)
+    if not isinstance(enabled, bool):
+        raise DefinitionError(f"{source}: context must be true or false, not {enabled!r}")
+    if not enabled:
+        # a stored definition (`to_dict`) carries every key with its default: only settings count
+        defaults = {"context_radius_arcsec": DEFAULT_CONTEXT_RADIUS_ARCSEC}
+        others = sorted(
+            k for k, v in given.items() if k != "context" and v not in ("", [], (), defaults.get(k))
+        )
+        if others:
+            raise DefinitionError(f"{source}: {', '.join(others)} need context: true")
+        return {"context": False}
+    radius = given.get("context_radius_arcsec", DEFAULT_CONTEXT_RADIUS_ARCSEC)
+    if (
+        isinstance(radius, bool)
+        or not isinstance(radius, int | float)
+        or not 0 < radius <= MAX_CONTEXT_RADIUS_ARCSEC
+    ):
+        raise DefinitionError(
+            f"{source}: context_radius_arcsec must be a number of arcsec in "
+            f"(0, {MAX_CONTEXT_RADIUS_ARCSEC:g}], not {radius!r}"
+        )
+    fields = given.get("context_fields", [])
+    if isinstance(fields, str) or not isinstance(fields, list | tuple):
+        raise DefinitionError(f"{source}: context_fields must be a list of column names, not {fields!r}")
+    for name in fields:
+        if name not in columns:
+            raise DefinitionError(f"{source}: context_fields names {name!r}, which is not among the columns")
+    if len(set(fields)) != len(fields):
+        raise DefinitionError(f"{source}: context_fields lists a column twice: {list(fields)}")
+    type_column = str(given.get("context_type_column", ""))
+    if type_column:
+        col = columns.get(type_column)
+        if col is None:
+            raise DefinitionError(f"{source}: context_type_column {type_column!r} is not among the columns")
+        if col.datatype not in ("string", "bool", "float32", "float64"):
+            raise DefinitionError(
+                f"{source}: context_type_column {type_column!r} is {col.datatype}; it must be a string "
+                "(star/galaxy/qso/...), a bool (true: extended, a galaxy) or a float stellarity (0-1)"
+            )
+    default_type = str(given.get("context_default_type", ""))
+    if default_type and default_type not in CONTEXT_TYPES:
+        raise DefinitionError(
+            f"{source}: context_default_type {default_type!r}: use one of {', '.join(CONTEXT_TYPES)}"
+        )
+    return {
+        "context": True,
+        "context_radius_arcsec": float(radius),
+        "context_fields": tuple(str(f) for f in fields),
+        "context_type_column": type_column,
+        "context_default_type": default_type,
+    }
 
 
 def catalogs_dir() -> Path:

@@ -45,8 +45,12 @@ class PlotBox:
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
+    return _ticks_and_step(lo, hi, n)[0]
+
+
+def _ticks_and_step(lo: float, hi: float, n: int = 6) -> tuple[list[float], float]:
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
-        return [lo]
+        return [lo], 1.0
     raw = (hi - lo) / n
     mag = 10 ** math.floor(math.log10(raw))
     step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=raw)
@@ -56,19 +60,35 @@ def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
     while t <= hi + 1e-9 * step:
         ticks.append(round(t, 10))
         t += step
-    return ticks
+    return ticks, step
 
 
-def _marker(kind: str, x: float, y: float, colour: str, size: float = 4.0) -> str:
+def tick_label(value: float, step: float) -> str:
+    """A tick's text with as many decimals as the step needs: MJDs are 5-digit numbers, so a general
+    format ('{:g}', 6 significant digits) would print 60012.25 as 60012.2."""
+    decimals = 0
+    while decimals < 6 and abs(step * 10**decimals - round(step * 10**decimals)) > 1e-6:
+        decimals += 1
+    return f"{value:.{decimals}f}"
+
+
+def _marker(kind: str, x: float, y: float, colour: str, size: float = 4.5, attrs: str = "") -> str:
+    """A filled detection marker (circle, square or diamond) centred on (x, y)."""
     if kind == "square":
         d = 2 * size
         corner = f'x="{x - size:.1f}" y="{y - size:.1f}"'
-        return f'<rect {corner} width="{d:.1f}" height="{d:.1f}" fill="{colour}"/>'
+        return f'<rect {attrs} {corner} width="{d:.1f}" height="{d:.1f}" fill="{colour}"/>'
     if kind == "diamond":
         r = size + 1
         pts = f"{x:.1f},{y - r:.1f} {x + r:.1f},{y:.1f} {x:.1f},{y + r:.1f} {x - r:.1f},{y:.1f}"
-        return f'<polygon points="{pts}" fill="{colour}"/>'
-    return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{size:.1f}" fill="{colour}"/>'
+        return f'<polygon {attrs} points="{pts}" fill="{colour}"/>'
+    return f'<circle {attrs} cx="{x:.1f}" cy="{y:.1f}" r="{size:.1f}" fill="{colour}"/>'
+
+
+def _limit(x: float, y: float, colour: str, attrs: str = "") -> str:
+    """An upper limit: an open triangle pointing down (fainter than this), its top edge at the limit."""
+    pts = f"{x - 6:.1f},{y:.1f} {x + 6:.1f},{y:.1f} {x:.1f},{y + 10:.1f}"
+    return f'<polygon {attrs} points="{pts}" fill="none" stroke="{colour}" stroke-width="1.5"/>'
 
 
 def lightcurve_svg(points: Sequence[Point], title: str = "", box: PlotBox = PlotBox()) -> str:
@@ -105,6 +125,10 @@ def lightcurve_svg(points: Sequence[Point], title: str = "", box: PlotBox = Plot
         m_lo, m_hi = m_lo - 0.25, m_hi + 0.25
     pad_m = 0.06 * (m_hi - m_lo)
     m_lo, m_hi = m_lo - pad_m, m_hi + pad_m
+    faintest_limit = max((p.mag for p in pts if p.upper_limit), default=-math.inf)
+    if faintest_limit > -math.inf:  # room below the faintest limit for its triangle (10 px + a margin)
+        room = 14 * (m_hi - m_lo) / max(y1 - y0 - 14, 1)
+        m_hi = max(m_hi, faintest_limit + room)
 
     def sx(t: float) -> float:
         return x0 + (t - t_lo) / (t_hi - t_lo) * (x1 - x0)
@@ -112,19 +136,21 @@ def lightcurve_svg(points: Sequence[Point], title: str = "", box: PlotBox = Plot
     def sy(m: float) -> float:  # bright (small mag) at the top
         return y0 + (m - m_lo) / (m_hi - m_lo) * (y1 - y0)
 
-    for t in _nice_ticks(t_lo, t_hi):
+    t_ticks, t_step = _ticks_and_step(t_lo, t_hi)
+    for t in t_ticks:
         x = sx(t)
         out.append(f'<line x1="{x:.1f}" y1="{y1}" x2="{x:.1f}" y2="{y1 + 5}" stroke="#333"/>')
         out.append(
-            f'<text x="{x:.1f}" y="{y1 + 18}" text-anchor="middle" font-size="11" font-family="sans-serif">'
-            f"{t:g}</text>"
+            f'<text class="tick-x" x="{x:.1f}" y="{y1 + 18}" text-anchor="middle" font-size="11" '
+            f'font-family="sans-serif">{tick_label(t, t_step)}</text>'
         )
-    for m in _nice_ticks(m_lo, m_hi):
+    m_ticks, m_step = _ticks_and_step(m_lo, m_hi)
+    for m in m_ticks:
         y = sy(m)
         out.append(f'<line x1="{x0 - 5}" y1="{y:.1f}" x2="{x0}" y2="{y:.1f}" stroke="#333"/>')
         out.append(
-            f'<text x="{x0 - 8}" y="{y + 4:.1f}" text-anchor="end" font-size="11" font-family="sans-serif">'
-            f"{m:g}</text>"
+            f'<text class="tick-y" x="{x0 - 8}" y="{y + 4:.1f}" text-anchor="end" font-size="11" '
+            f'font-family="sans-serif">{tick_label(m, m_step)}</text>'
         )
     out.append(
         f'<text x="{(x0 + x1) / 2}" y="{h - 8}" text-anchor="middle" font-size="12" '
@@ -138,22 +164,27 @@ def lightcurve_svg(points: Sequence[Point], title: str = "", box: PlotBox = Plot
         out.append(f'<g class="band band-{escape(band)}" data-band={quoteattr(band)}>')
         for p in (q for q in pts if q.band == band):
             x, y = sx(p.mjd), sy(p.mag)
+            data = f'data-mjd="{p.mjd!r}" data-mag="{p.mag!r}"'
             if p.upper_limit:
-                out.append(
-                    f'<polygon class="limit" points="{x - 5:.1f},{y:.1f} {x + 5:.1f},{y:.1f} '
-                    f'{x:.1f},{y + 8:.1f}" fill="none" stroke="{colour}"/>'
-                )
+                out.append(_limit(x, y, colour, f'class="limit" {data}'))
                 continue
             if p.err is not None and math.isfinite(p.err) and p.err > 0:
                 out.append(
                     f'<line class="err" x1="{x:.1f}" y1="{sy(p.mag - p.err):.1f}" x2="{x:.1f}" '
-                    f'y2="{sy(p.mag + p.err):.1f}" stroke="{colour}"/>'
+                    f'y2="{sy(p.mag + p.err):.1f}" stroke="{colour}" stroke-width="1.5"/>'
                 )
-            out.append(_marker(marker, x, y, colour))
+            out.append(_marker(marker, x, y, colour, attrs=f'class="det" {data}'))
         ly = y0 + 14 + 18 * k
-        out.append(_marker(marker, x1 + 18, ly - 4, colour))
+        out.append(_marker(marker, x1 + 18, ly - 4, colour, attrs='class="legend"'))
         out.append(
             f'<text x="{x1 + 30}" y="{ly}" font-size="12" font-family="sans-serif">{escape(band)}</text></g>'
+        )
+    if any(p.upper_limit for p in pts):
+        ly = y0 + 14 + 18 * len(bands) + 6
+        out.append(
+            '<g class="legend-limit">'
+            + _limit(x1 + 18, ly - 8, "#444444", 'class="legend"')
+            + f'<text x="{x1 + 30}" y="{ly}" font-size="12" font-family="sans-serif">limit</text></g>'
         )
     out.append("</svg>")
     return "".join(out)

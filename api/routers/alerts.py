@@ -2,12 +2,16 @@
 
 Everything is read through the query engine with the caller's data rights, from the alert tables the
 alert ingest commits (`<stream>.objects`, `<stream>.detections`, `<stream>.upper_limits`), so a page shows
-exactly what ADQL would; context cross-matches are cone searches in the lake's catalogs.
+exactly what ADQL would. The context (nearest sources of the context catalogs and a Sherlock-style
+classification, `dac_lake.alerts.context`) is the one the ingest stored when the object was first seen,
+less the rows of catalogs the caller may not read (the classification is then recomputed from what the
+caller sees); for an object never matched, it is computed at page time with cone searches.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -21,9 +25,12 @@ from api.formats import TapError
 from api.pages.annotations import Annotation, AnnotationError, annotations_of, post_annotation
 from api.pages.lightcurve import Point, lightcurve_svg
 from api.service import DacService, as_tap_error
+from dac_lake.alerts.context import classify, context_of, live_context
 
+log = logging.getLogger(__name__)
 _ID = re.compile(r"^[A-Za-z0-9_.:+-]{1,128}$")
-CONTEXT_RADIUS_ARCSEC = 10.0
+#: what a context match shows (the object's own columns are on the page already)
+_MATCH_KEYS = ("catalog", "source_id", "ra", "dec", "separation_arcsec", "rank", "source_type", "fields")
 
 
 def _lit(value: str) -> str:
@@ -69,45 +76,61 @@ def object_data(service: DacService, groups: frozenset[str], stream: str, object
             maxrec=100_000,
         ).table
     info = _rows(obj)[0]
-    context = context_matches(service, groups, info["ra"], info["dec"], exclude_schema=stream)
     return {
         "stream": stream,
         "object": info,
         "detections": _rows(det),
         "upper_limits": _rows(limits) if limits is not None else [],
-        "context": context,
+        "context": _context_or_note(service, groups, stream, object_id, info["ra"], info["dec"]),
         "annotations": [a.__dict__ for a in annotations_of(service.lake.storage, stream, object_id)],
     }
 
 
-def context_matches(
-    service: DacService, groups: frozenset[str], ra: float, dec: float, exclude_schema: str
-) -> list[dict[str, Any]]:
-    """Nearest sources in the lake's catalogs (those marked `context: true` in their definition, else all
-    catalogs with positions) within CONTEXT_RADIUS_ARCSEC, as Lasair's Sherlock does."""
-    session = service.session(groups)
-    catalogs = [
-        t
-        for t in session.engine.registry.lake_tables()
-        if t.meta.schema == t.catalog and t.meta.ra_column and t.catalog.lower() != exclude_schema.lower()
+def _context_or_note(
+    service: DacService, groups: frozenset[str], stream: str, object_id: str, ra: float, dec: float
+) -> dict[str, Any]:
+    """The context, or a note that it is unavailable: the light curve must not be lost to a context
+    catalog that cannot be read right now (a cone search timing out, a damaged context file)."""
+    try:
+        return object_context(service, groups, stream, object_id, ra, dec)
+    except Exception as exc:
+        log.warning("%s/%s: context unavailable: %s", stream, object_id, exc, exc_info=True)
+        return {
+            "source": "unavailable",
+            "seq": None,
+            "classification": None,
+            "matches": [],
+            "error": str(exc),
+        }
+
+
+def object_context(
+    service: DacService, groups: frozenset[str], stream: str, object_id: str, ra: float, dec: float
+) -> dict[str, Any]:
+    """{"source": "stored" | "live", "seq", "classification", "matches": [...]}: the stored context of the
+    object (rows of catalogs the caller cannot read removed, the classification recomputed if any were),
+    else one computed now with cone searches (`live_context`) with the caller's rights."""
+    engine = service.engine(groups)
+    rows = context_of(service.lake.storage, stream, object_id, ra, dec)
+    source, seq = "stored", None
+    if rows:
+        seq = rows[0]["seq"]
+        visible = {t.meta.schema for t in engine.registry.lake_tables()}
+        shown = [r for r in rows if r["catalog"] is None or r["catalog"] in visible]
+        classification = rows[0]["classification"] if len(shown) == len(rows) else classify(shown)
+        rows = shown
+    else:
+        source = "live"
+        rows = live_context(engine, object_id, ra, dec)
+        classification = rows[0]["classification"] if rows else "orphan"
+    matches = [
+        {k: r.get(k) for k in _MATCH_KEYS}
+        for r in sorted(
+            (r for r in rows if r["catalog"] is not None),
+            key=lambda r: (r["separation_arcsec"], r["catalog"]),
+        )
     ]
-    marked = [
-        t for t in catalogs if (t.definition.get("extra") or {}).get("context") or t.definition.get("context")
-    ]
-    out = []
-    for t in marked or catalogs:
-        found = session.cone(t.catalog, ra, dec, CONTEXT_RADIUS_ARCSEC / 3600.0, maxrec=5)
-        id_col = t.definition.get("id_column") or t.meta.ra_column
-        for row in _rows(found):
-            out.append(
-                {
-                    "catalog": f"{t.meta.schema}.{t.meta.name}",
-                    "id": row.get(id_col),
-                    "separation_arcsec": round(row["dist_deg"] * 3600.0, 3),
-                    "row": row,
-                }
-            )
-    return sorted(out, key=lambda m: m["separation_arcsec"])
+    return {"source": source, "seq": seq, "classification": classification, "matches": matches}
 
 
 def make_alerts_router(service: DacService, identity: Callable) -> APIRouter:
@@ -268,17 +291,7 @@ def render_object_page(data: dict[str, Any]) -> str:
     meta = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in obj.items() if v is not None
     )
-    context = (
-        _table(
-            [
-                {"catalog": c["catalog"], "id": c["id"], "separation_arcsec": c["separation_arcsec"]}
-                for c in data["context"]
-            ],
-            ["catalog", "id", "separation_arcsec"],
-        )
-        if data["context"]
-        else "<p>No catalog source within 10 arcsec.</p>"
-    )
+    context = render_context(data["context"])
     annotations = (
         _table(data["annotations"], ["time", "classifier", "classification", "probability", "url", "author"])
         if data["annotations"]
@@ -291,12 +304,39 @@ def render_object_page(data: dict[str, Any]) -> str:
         f"<a href='{html.escape(oid)}.json'>JSON</a></p>"
         f"<div id='lightcurve'>{svg}</div>"
         f"<h2>Object</h2><table class='meta'>{meta}</table>"
-        f"<h2>Cross-matches</h2>{context}"
+        f"<h2>Context</h2>{context}"
         f"<h2>Annotations</h2>{annotations}"
         f"<h2>Detections</h2>"
         + _table(data["detections"], ["mjd", "band", "mag", "mag_err", "flux", "reliability", "detection_id"])
     )
     return _page(f"{oid} - {data['stream']}", body)
+
+
+def render_context(ctx: dict[str, Any]) -> str:
+    """The classification, where it comes from, and the matches nearest first."""
+    if ctx["source"] == "unavailable":
+        return f"<p class='error'>Context unavailable: {html.escape(ctx.get('error') or '')}</p>"
+    origin = f"matched when first seen (batch #{ctx['seq']})" if ctx["source"] == "stored" else "computed now"
+    head = (
+        f"<p class='context'>Classification: <b class='classification'>{html.escape(ctx['classification'])}"
+        f"</b> <small>({html.escape(origin)})</small></p>"
+    )
+    if not ctx["matches"]:
+        return head + "<p>No source of the context catalogs within their match radii.</p>"
+    rows = [
+        {
+            "catalog": m["catalog"],
+            "source_id": m["source_id"],
+            "type": m["source_type"],
+            "separation (arcsec)": f"{m['separation_arcsec']:.2f}",
+            "ra": m["ra"],
+            "dec": m["dec"],
+            "recorded": ", ".join(f"{k}={_fmt(v)}" for k, v in (m.get("fields") or {}).items()),
+        }
+        for m in ctx["matches"]
+    ]
+    columns = ["catalog", "source_id", "type", "separation (arcsec)", "ra", "dec", "recorded"]
+    return head + _table(rows, columns, css="context-matches")
 
 
 def render_recent_page(

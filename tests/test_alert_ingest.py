@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet
 import pytest
 
 from dac_lake.alerts_broker import AlertBroker, Caller
@@ -197,6 +198,50 @@ def test_replay_through_the_cli_is_queryable_and_dead_letters_the_bad(replay, tm
     )
     status = dac("alerts", "status", "ztf", "--lake", str(tmp_path / "lake"))
     assert status.returncode == 0 and "broker done up to snapshot" in status.stdout, status.stderr
+
+    # compaction merges the batch files; gc then removes the merged ones; the rows stay the same
+    def files_of(table: str) -> int:
+        return sum(1 for _ in (tmp_path / "lake" / "alerts" / "ztf" / table).rglob("*.parquet"))
+
+    before = files_of("detections")
+    compact = dac("alerts", "compact", "ztf", "--lake", str(tmp_path / "lake"), "--min-files", "2")
+    assert compact.returncode == 0 and "files ->" in compact.stdout, compact.stderr[-2000:]
+    gc = dac("alerts", "gc", "ztf", "--lake", str(tmp_path / "lake"), "--grace", "0", "--keep-snapshots", "1")
+    assert gc.returncode == 0, gc.stderr[-2000:]
+    assert files_of("detections") < before
+    after = table_ids(engine_for(lake), "SELECT detection_id FROM ztf.detections", "detection_id")
+    assert sorted(after) == sorted(det_ids)
+
+
+def test_new_objects_are_matched_once_with_context_catalogs(replay, tmp_path):
+    """Stars planted 1" from a third of the objects' first positions: those objects get the star as their
+    nearest context match (stored when the object was first seen, never again); the rest are orphans."""
+    from dac_lake.alerts.context import ContextMatcher, context_of
+    from tests.test_alert_context import STAR_DEFINITION, ingest_definition
+
+    lake = init_lake(tmp_path / "lake")
+    first: dict[str, tuple[float, float]] = {}
+    for r in replay["records"]:
+        first.setdefault(r["objectId"], (r["candidate"]["ra"], r["candidate"]["dec"]))
+    planted = sorted(first)[::3]
+    ra = np.array([first[o][0] for o in planted])
+    dec = np.array([first[o][1] for o in planted]) + 1 / 3600
+    stars = pa.table({"star_id": [f"star-{o}" for o in planted], "ra": ra, "dec": dec,
+                      "g_mag": pa.array(np.full(len(planted), 15.0), pa.float32())})  # fmt: skip
+    ingest_definition(lake, STAR_DEFINITION, stars, tmp_path / "input")
+    pipeline = AlertIngest(lake, "ztf", dead_letter_dir=tmp_path / "dead", order=3,
+                           context=ContextMatcher(lake, "ztf"))  # fmt: skip
+    pipeline.run(pipeline.file_source([replay["folder"]]), max_alerts=60)
+    files = list((tmp_path / "lake" / "alerts" / "ztf" / "context").rglob("*.parquet"))
+    stored = pa.concat_tables([pa.parquet.read_table(f) for f in files])
+    per_object = stored.group_by("object_id").aggregate([("object_id", "count")])
+    assert per_object.num_rows == len(first)  # every object matched, once (a row, or an orphan row)
+    for oid in planted[:5] + sorted(set(first) - set(planted))[:5]:
+        rows = context_of(lake.storage, "ztf", oid, *first[oid])
+        if oid in planted:
+            assert rows[0]["source_id"] == f"star-{oid}" and rows[0]["separation_arcsec"] < 1.5, rows
+        else:
+            assert all(r.get("catalog") is None for r in rows), rows
 
 
 def test_batch_boundaries_do_not_change_the_content(replay, tmp_path):
@@ -390,6 +435,7 @@ def test_kafka_ingest_commits_offsets_and_produces_filter_matches(kafka, tmp_pat
     alert_ids = table_ids(engine, "SELECT alert_id FROM lsst.alerts", "alert_id")
     assert sorted(alert_ids) == sorted(r["diaSourceId"] for r in records)
     objects = set(table_ids(engine, "SELECT object_id FROM lsst.objects", "object_id"))
+
     def object_id(src: dict) -> str:  # Solar System sources have no diaObject: ss<ssObjectId>
         return str(src["diaObjectId"]) if src["diaObjectId"] is not None else f"ss{src['ssObjectId']}"
 

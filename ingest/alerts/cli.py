@@ -203,7 +203,10 @@ def _context_matcher(lake: Any, stream: str) -> Any:
     except ImportError:  # pragma: no cover - older installs
         return None
     matcher = ContextMatcher(lake, stream)
-    return matcher if getattr(matcher, "catalogs", True) else None
+    if not matcher.catalogs():
+        log.info("no context catalogs in the lake: new objects are not context-matched")
+        return None
+    return matcher
 
 
 @alerts_app.command("status")
@@ -224,8 +227,7 @@ def alerts_status(stream: str, lake: LakeOpt = None) -> None:
     for table in alayout.TABLES:
         state = snap.table(table)
         typer.echo(
-            f"  {table:13s} {state.rows:>12,} rows  {state.n_files:>7,} files  "
-            f"{len(state.pixels):>6,} pixels"
+            f"  {table:13s} {state.rows:>12,} rows  {state.n_files:>7,} files  {len(state.pixels):>6,} pixels"
         )
     typer.echo(f"  resume from: {json.dumps(snap.source_position)}")
     try:
@@ -249,12 +251,19 @@ def alerts_compact(
     except Exception as exc:
         raise _fail(f"{type(exc).__name__}: {exc}") from None
     if r.seq is None:
-        typer.echo(f"{stream}: nothing to compact")
-        return
-    typer.echo(f"{stream}: snapshot #{r.seq}: {r.files_before} files -> {r.files_after} ({r.rows:,} rows, "
-               f"pixels per table {r.pixels}) in {r.seconds:.1f} s")  # fmt: skip
+        typer.echo(f"{stream}: no table needs compacting")
+    else:
+        typer.echo(
+            f"{stream}: snapshot #{r.seq}: {r.files_before} files -> {r.files_after} ({r.rows:,} rows, "
+            f"pixels per table {r.pixels}) in {r.seconds:.1f} s"
+        )
     for table, pixel, rows in r.crowded:
         typer.echo(f"  crowded: {table} pixel {pixel} holds {rows:,} rows")
+    from dac_lake.alerts.context import compact_context
+
+    merged = compact_context(_lake(lake).storage, stream)
+    if merged:
+        typer.echo(f"  context: merged the files of {len(merged)} pixels")
 
 
 @alerts_app.command("gc")

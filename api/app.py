@@ -1,6 +1,7 @@
 """The FastAPI application, built by `create_app` from settings (lake, service limits, auth).
 
-Routers by concern: TAP sync, TAP async (UWS), VOSI + examples, SCS, health. `dac serve` runs it under
+Routers by concern: TAP sync, TAP async (UWS), VOSI + examples, SCS, health, `/metrics` (api/metrics.py;
+every query also gets a line in the query log, api/querylog.py). `dac serve` runs it under
 uvicorn; tests start it the same way on 127.0.0.1.
 """
 
@@ -14,10 +15,12 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from api import metrics, querylog
 from api.auth import Authenticator, AuthError, AuthSettings, identity_dependency
 from api.config import ServiceSettings
 from api.formats import TapError
 from api.routers.alerts import make_alerts_router
+from api.routers.broker import make_broker_router
 from api.routers.common import error_response
 from api.routers.scs import make_scs_router
 from api.routers.tap_sync import make_sync_router
@@ -44,6 +47,7 @@ def create_app(
     )
     lake = Lake(LakeStorage(settings.lake_url, settings))
     lake.check()
+    querylog.configure(service_settings.query_log, service_settings.query_log_max_chars)
     service = DacService(lake, service_settings)
     authenticator = Authenticator(auth_settings)
     identity = identity_dependency(authenticator)
@@ -60,6 +64,7 @@ def create_app(
             yield
         finally:
             jobs.stop()
+            metrics.process_exit()
 
     app = FastAPI(
         title=service_settings.title,
@@ -87,6 +92,8 @@ def create_app(
     app.include_router(make_vosi_router(service, identity))
     app.include_router(make_scs_router(service, identity))
     app.include_router(make_alerts_router(service, identity))
+    app.include_router(make_broker_router(service, identity))
+    metrics.install(app, jobs.store.path)  # /metrics and the per-request counters
 
     @app.get("/health", summary="liveness and lake reachability")
     async def health() -> Response:

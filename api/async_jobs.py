@@ -14,6 +14,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,6 +23,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
+from api import querylog
 from api.formats import TapError
 from api.formats.dali import dali_error_votable
 from api.service import DacService, as_tap_error
@@ -123,6 +125,8 @@ def make_async_jobs(service: DacService, identity: Callable, job_dir: Path) -> A
 
 def _execute(service: DacService, owners: OwnerGroups, job: Job, ctx: JobContext) -> list[JobResult]:
     s = service.settings
+    started = time.perf_counter()
+    query = None
     try:
         query = parse_query(fold(job.parameters), maxrec_default=s.maxrec_default, maxrec_max=s.maxrec_max)
         files = {}
@@ -158,10 +162,20 @@ def _execute(service: DacService, owners: OwnerGroups, job: Job, ctx: JobContext
             stop.set()
             reporter.join(5)
         stream = prepared.stream
+        querylog.finished(
+            querylog.from_stream("async", job.owner_id, query, stream, started, job_id=job.job_id)
+        )
         ctx.set_progress(f"done: {stream.rows} rows{' (overflow)' if stream.overflow else ''}")
         return [JobResult(id="result", mime_type=prepared.media_type, path=path.name, rows=stream.rows)]
     except Exception as exc:
         err = as_tap_error(exc)
+        text = query.query if query else querylog.query_param(fold(job.parameters))
+        querylog.finished(
+            querylog.from_error(
+                "async", job.owner_id, text, err.http_status, ctx.cancel_reason or err.message, started,
+                job_id=job.job_id, cancelled=ctx.cancelled.is_set(), request=query,
+            )
+        )
         if ctx.cancelled.is_set():
             raise
         ctx.results_dir.mkdir(parents=True, exist_ok=True)

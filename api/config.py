@@ -15,6 +15,8 @@ upload_max_rows = 100000
 upload_max_bytes = 52428800
 memory_limit = "2GB"                    # per query
 threads = 2                             # per query
+query_log = "/var/log/dac-lake/query.log"  # one JSON line per query (unset: the process log)
+query_log_max_chars = 2000              # ADQL text longer than this is cut in the query log
 ```
 Environment: `DAC_SERVICE_<KEY>` for each key (e.g. `DAC_SERVICE_SYNC_TIMEOUT_S=30`).
 """
@@ -49,6 +51,9 @@ class ServiceSettings:
     memory_limit: str = "2GB"
     threads: int = 2
     wait_max_s: float = 600.0
+    #: file for the structured query log (api/querylog.py); None: the lines go to the process log
+    query_log: str | None = None
+    query_log_max_chars: int = 2000
 
     def __post_init__(self) -> None:
         if not 0 <= self.maxrec_default <= self.maxrec_max:
@@ -60,6 +65,8 @@ class ServiceSettings:
             raise ValueError("[service] time limits must be positive")
         if self.async_workers < 1:
             raise ValueError("[service] async_workers must be >= 1")
+        if self.query_log_max_chars < 0:
+            raise ValueError("[service] query_log_max_chars must be >= 0")
 
     @classmethod
     def from_settings(cls, settings: Settings, environ: Mapping[str, str] | None = None, **overrides: Any):

@@ -293,6 +293,24 @@ def serve(
         raise _fail(str(exc)) from None
     base = f"http://{host}:{port}"
     typer.echo(f"TAP service for lake {settings.lake_url}: {base}/tap", err=True)
+    own_metrics_dir = None
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # several worker processes must share their Prometheus counters (prometheus_client's multiprocess
+        # mode), or each /metrics scrape would see one worker's share; systemd units set their own
+        import tempfile
+
+        own_metrics_dir = tempfile.mkdtemp(prefix="dac-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
+    try:
+        _run_uvicorn(uvicorn, application, host, port, workers)
+    finally:
+        if own_metrics_dir:
+            import shutil
+
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+
+def _run_uvicorn(uvicorn, application, host: str, port: int, workers: int) -> None:
     uvicorn.run(
         application,
         host=host,

@@ -1,5 +1,5 @@
 """The alert broker's HTTP API over real HTTP: a lake with a release catalog and an alert stream, served by
-uvicorn in a subprocess (`tests.broker_app`), definitions made through the API with real tokens, batches
+`dac serve` in a subprocess, definitions made through the API with real tokens, batches
 committed with `AlertLake.commit` and matched in this process by `AlertBroker.process_batch` (as the ingest
 does), and what they matched read back over HTTP in JSON, CSV and VOTable (parsed by astropy).
 
@@ -93,8 +93,7 @@ def start_broker_service(
         DAC_SERVICE_JOB_DIR=str(job_dir),
         PYTHONUNBUFFERED="1",
     )
-    cmd = [sys.executable, "-m", "uvicorn", "tests.broker_app:create_app", "--factory"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    cmd = [sys.executable, "-m", "dac_lake.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "ab") as out:
         process = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"

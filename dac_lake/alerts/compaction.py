@@ -116,7 +116,8 @@ class _Split:
     splits: set[int]
     leaves: dict[int, list[FileEntry]]
     rows: int
-    data: dict[tuple[int, str], pa.Table] = field(default_factory=dict, repr=False)
+    #: (key, file name) -> what the writer's look-up cache keeps of the file (not the rows themselves)
+    cached: dict[tuple[int, str], tuple[str, object]] = field(default_factory=dict, repr=False)
 
 
 def plan_split(
@@ -225,7 +226,9 @@ def compact(
         report.files_before += len(m.inputs)
         report.files_after += 1
         report.rows += m.output.rows
-        _remember(alert_lake, m.table, m.pixel, m.output.name, m.data)
+        cached = _cache_value(m.table, m.data)
+        if cached is not None:
+            alert_lake.cache.put((cached[0], m.table, m.pixel, m.output.name), cached[1])
     for sp in applied_splits:
         report.files_before += len(sp.covered)
         if not sp.splits:  # redone on files that are no longer crowded: merged, not split
@@ -238,8 +241,8 @@ def compact(
             report.splits.append(SplitReport(sp.table, order, pixel, sp.rows, children))
         # at `max_order`, a leaf may still be crowded: report it like a partition that was not split
         report.crowded += [(sp.table, (o, p), rows) for o, p, rows in children if rows > crowded_rows]
-        for (key, fname), data in sp.data.items():
-            _remember(alert_lake, sp.table, key, fname, data)
+        for (key, fname), (kind, value) in sp.cached.items():
+            alert_lake.cache.put((kind, sp.table, key, fname), value)
     report.crowded.sort()
     changed = sorted({m.table for m in applied} | {sp.table for sp in applied_splits})
     alert_lake.publish_hats_metadata(snapshot, None, changed)
@@ -297,7 +300,7 @@ def _split(
 
     for k, entry, part in alert_lake._map(write, leaves):
         out.leaves[k] = [entry]
-        out.data[(k, entry.name)] = part
+        _keep(out, k, entry.name, part)
     return out
 
 
@@ -316,19 +319,26 @@ def _add_to_split(alert_lake: AlertLake, sp: _Split, extra: list[FileEntry], seq
         part = data.slice(a, b - a)
         entry = alert_lake.write_file(sp.table, k, name, part)
         sp.leaves.setdefault(k, []).append(entry)
-        sp.data[(k, name)] = part
+        _keep(sp, k, name, part)
     sp.covered |= {f.name for f in extra}
     sp.rows += data.num_rows
 
 
-def _remember(alert_lake: AlertLake, table: str, key: int, name: str, data: pa.Table) -> None:
-    """Put a file compaction wrote in the writer's look-up cache (its rows are already known)."""
+def _cache_value(table: str, data: pa.Table) -> tuple[str, object] | None:
+    """What the writer's look-up cache keeps of a file with rows `data` (its ids, or its upper-limit keys)."""
     from dac_lake.alerts.writer import KEYS, _ul_keys
 
     if table in (alayout.DETECTIONS, alayout.ALERTS):
-        alert_lake.cache.put(("ids", table, key, name), data.column(KEYS[table]).to_numpy())
-    elif table == alayout.UPPER_LIMITS:
-        alert_lake.cache.put(("keys", table, key, name), _ul_keys(data))
+        return "ids", data.column(KEYS[table]).to_numpy()
+    if table == alayout.UPPER_LIMITS:
+        return "keys", _ul_keys(data)
+    return None
+
+
+def _keep(sp: _Split, key: int, name: str, data: pa.Table) -> None:
+    cached = _cache_value(sp.table, data)
+    if cached is not None:
+        sp.cached[(key, name)] = cached
 
 
 def _commit_changes(

@@ -1,11 +1,12 @@
 """Snapshots of an alert stream: which files make up each table, committed with one create-only write.
 
-A snapshot (`alerts/<stream>/snapshots/000123.json`) lists, per table, per HEALPix pixel, the data files and
-their row counts, plus the ingest's source position (Kafka offsets, or the position in a replayed file) and
-the batches it added. The newest snapshot *is* the stream's state; nothing else is. Writers add files first
-and then create snapshot N+1 with a create-only PUT (S3 `If-None-Match: *`, link(2) locally): a crash before
-that write leaves snapshot N current and complete, and of two writers that both read N only one can create
-N+1 — the other gets `CommitConflict`, never a silent overwrite. This is the release pointer's scheme
+A snapshot (`alerts/<stream>/snapshots/000123.json`) lists, per table, per partition (a HEALPix pixel at the
+stream's order, or at a finer one where compaction split a crowded partition: `TableState`), the data files
+and their row counts, plus the ingest's source position (Kafka offsets, or the position in a replayed file)
+and the batches it added. The newest snapshot *is* the stream's state; nothing else is. Writers add files
+first and then create snapshot N+1 with a create-only PUT (S3 `If-None-Match: *`, link(2) locally): a crash
+before that write leaves snapshot N current and complete, and of two writers that both read N only one can
+create N+1 — the other gets `CommitConflict`, never a silent overwrite. This is the release pointer's scheme
 (`dac_lake.lake`) applied to a table that grows by micro-batches.
 
 Readers (the query registry, TAP, `dac_lake.connect`) read the newest snapshot's file list, so they see whole

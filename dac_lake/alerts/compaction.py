@@ -246,6 +246,12 @@ def compact(
     report.crowded.sort()
     changed = sorted({m.table for m in applied} | {sp.table for sp in applied_splits})
     alert_lake.publish_hats_metadata(snapshot, None, changed)
+    latest = alert_lake.snapshots.latest()
+    if latest is not None and latest.seq > snapshot.seq:
+        # a commit published after us and may have written its metadata before ours: the partition list
+        # on disk must be the newest snapshot's (a commit adding a partition, e.g. an empty child's first
+        # file, would otherwise be missing from partition_info.csv until the partition set changes again)
+        alert_lake.publish_hats_metadata(latest, None, changed)
     report.seconds = round(time.perf_counter() - t0, 3)
     log.info(
         "%s: compacted %s partitions (%d files -> %d, %d rows), split %d, as snapshot #%s in %.1f s; "

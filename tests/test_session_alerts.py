@@ -9,6 +9,7 @@ import pytest
 
 import dac_lake
 from dac_lake.alerts import AlertLake
+from dac_lake.alerts.layout import partition_key
 from dac_lake.catalog_def import load_definition
 from dac_lake.lake import LakeError
 from ingest.release import IngestOptions, ingest_release
@@ -62,7 +63,7 @@ def test_connect_counts_files_and_sql_with_an_alert_stream(mixed_lake):
     det = snapshot.table("detections")
     assert len(session.files("ztf.detections")) == det.n_files > len(det.pixels)
     first = session.manifest("ztf.detections")["partitions"][:1]
-    assert len(session.files("ztf.detections", first)) == len(det.files(first[0][1]))
+    assert len(session.files("ztf.detections", first)) == len(det.files(partition_key(*first[0][:2])))
     assert len(session.files("testcat")) == len(session.manifest("testcat")["partitions"])
 
     # a join across the two kinds in trusted SQL, checked against the same join in ADQL

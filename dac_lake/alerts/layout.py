@@ -9,7 +9,12 @@ alerts/<stream>/
       partition_info.csv
       dataset/_common_metadata
       dataset/Norder=5/Dir=0/Npix=N/<file>.parquet
+      dataset/Norder=6/Dir=0/Npix=M/<file>.parquet   a crowded partition split by compaction (mixed orders)
 ```
+
+Partitions are named by their NUNIQ key, `4 * 4**order + pixel` (`partition_key`): one integer that says
+both the order and the pixel, so the partitions of a table may be at several orders (HATS-style: a crowded
+order-5 pixel is replaced by its four order-6 children) without two partitions ever sharing a key.
 
 One module for these names means the writer, gc, compaction and the query registry cannot disagree.
 """
@@ -34,7 +39,8 @@ TABLES: tuple[str, ...] = (DETECTIONS, OBJECTS, UPPER_LIMITS, ALERTS)
 #: default HEALPix order of a stream's partitions: ~1.8 deg pixels, 12,288 over the sky. A ZTF field
 #: (47 deg^2) touches ~20 of them, a Rubin visit (9.6 deg^2) ~5: a batch writes few, fairly large files.
 DEFAULT_ORDER = 5
-#: finer orders would make a pixel smaller than the neighbourhood the writer's look-ups rely on
+#: the finest order a partition may have (a stream's order, or a split partition's): order-10 pixels are
+#: ~3.4' wide, still larger than the order-11 cells the writer's neighbourhood look-ups are made of
 MAX_ORDER = 10
 
 _BATCH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:=+-]{0,199}$")
@@ -98,13 +104,52 @@ def dataset_prefix(stream: str, table: str) -> str:
     return f"{table_prefix(stream, table)}/dataset"
 
 
+def partition_key(order: int, pixel: int) -> int:
+    """The NUNIQ key of partition (order, pixel): `4 * 4**order + pixel`, unique across orders."""
+    return (4 << (2 * int(order))) + int(pixel)
+
+
+def order_pixel(key: int) -> tuple[int, int]:
+    """(order, pixel) of a NUNIQ partition key (keys of order k lie in [4 * 4**k, 16 * 4**k))."""
+    key = int(key)
+    if key < 4:
+        raise ValueError(f"{key} is not a NUNIQ partition key")
+    order = (key.bit_length() - 3) // 2
+    return order, key - (4 << (2 * order))
+
+
+def key_name(key: int) -> str:
+    """`order/pixel`: how snapshots and the query registry write a partition key."""
+    order, pixel = order_pixel(key)
+    return f"{order}/{pixel}"
+
+
+def parse_key_name(text: str) -> int:
+    order, pixel = text.split("/")
+    return partition_key(int(order), int(pixel))
+
+
+def children_keys(key: int) -> list[int]:
+    """The keys of the four order+1 children of a partition (nested scheme: pixels 4p .. 4p+3)."""
+    order, pixel = order_pixel(key)
+    return [partition_key(order + 1, 4 * pixel + i) for i in range(4)]
+
+
+def key_range29(key: int) -> tuple[int, int]:
+    """The `_healpix_29` span [lo, hi) of a partition."""
+    order, pixel = order_pixel(key)
+    shift = 2 * (29 - order)
+    return pixel << shift, (pixel + 1) << shift
+
+
 def pixel_dir(order: int, pixel: int) -> str:
     """A partition directory relative to `dataset/` (HATS 1.0 names, `hats_npix_suffix=/`)."""
     return f"Norder={order}/Dir={(pixel // 10_000) * 10_000}/Npix={pixel}"
 
 
 def data_file(stream: str, table: str, order: int, pixel: int, name: str) -> str:
-    """The lake path of data file `name` of a partition."""
+    """The lake path of data file `name` of partition (order, pixel): HATS names at the partition's own
+    order, so a split partition's children sit in `Norder=<order+1>` folders."""
     return f"{dataset_prefix(stream, table)}/{pixel_dir(order, pixel)}/{check_file_name(name)}"
 
 
@@ -120,6 +165,11 @@ def batch_file_name(seq: int, batch_id: str, token: str) -> str:
     batch never overwrites a file another snapshot may reference."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", check_batch_id(batch_id))[:120]
     return check_file_name(f"{seq:06d}-{safe}-{token}.parquet")
+
+
+def key_file(stream: str, table: str, key: int, name: str) -> str:
+    """The lake path of data file `name` of the partition with NUNIQ `key`."""
+    return data_file(stream, table, *order_pixel(key), name)
 
 
 def compacted_file_name(seq: int, token: str) -> str:

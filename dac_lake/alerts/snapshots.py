@@ -1,11 +1,12 @@
 """Snapshots of an alert stream: which files make up each table, committed with one create-only write.
 
-A snapshot (`alerts/<stream>/snapshots/000123.json`) lists, per table, per HEALPix pixel, the data files and
-their row counts, plus the ingest's source position (Kafka offsets, or the position in a replayed file) and
-the batches it added. The newest snapshot *is* the stream's state; nothing else is. Writers add files first
-and then create snapshot N+1 with a create-only PUT (S3 `If-None-Match: *`, link(2) locally): a crash before
-that write leaves snapshot N current and complete, and of two writers that both read N only one can create
-N+1 — the other gets `CommitConflict`, never a silent overwrite. This is the release pointer's scheme
+A snapshot (`alerts/<stream>/snapshots/000123.json`) lists, per table, per partition (a HEALPix pixel at the
+stream's order, or at a finer one where compaction split a crowded partition: `TableState`), the data files
+and their row counts, plus the ingest's source position (Kafka offsets, or the position in a replayed file)
+and the batches it added. The newest snapshot *is* the stream's state; nothing else is. Writers add files
+first and then create snapshot N+1 with a create-only PUT (S3 `If-None-Match: *`, link(2) locally): a crash
+before that write leaves snapshot N current and complete, and of two writers that both read N only one can
+create N+1 — the other gets `CommitConflict`, never a silent overwrite. This is the release pointer's scheme
 (`dac_lake.lake`) applied to a table that grows by micro-batches.
 
 Readers (the query registry, TAP, `dac_lake.connect`) read the newest snapshot's file list, so they see whole
@@ -21,7 +22,10 @@ import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
+
+import numpy as np
 
 from dac_lake.alerts import layout as alayout
 from dac_lake.storage import LakeStorage
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 SNAPSHOT_FORMAT = "dac-lake-alert-snapshot"
 STREAM_FORMAT = "dac-lake-alert-stream"
 FORMAT_VERSION = 1
+#: version 2 snapshots key partitions by `order/pixel` and list split partitions (mixed orders); a snapshot
+#: whose tables are all at the stream's order is still written as version 1, readable by older releases
+SNAPSHOT_VERSION = 2
 #: batch ids remembered in each snapshot, so that a replay of a whole committed batch is recognised at once
 #: (row-level de-duplication makes any replay harmless; this only makes it cheap)
 RECENT_BATCHES = 1000
@@ -44,6 +51,13 @@ class CommitConflict(AlertLakeError):
     """Another writer created the snapshot this commit wanted to create: nothing of ours was published."""
 
 
+class PartitionsChanged(CommitConflict):
+    """A compaction split partitions this commit wrote to (or rewrote the objects) after the commit read
+    its snapshot: the batch's files are at the old partitioning and cannot be re-applied. Nothing was
+    published; committing the batch again from the new snapshot is safe (rows are de-duplicated by id), and
+    `AlertLake.commit` does so itself."""
+
+
 @dataclass(frozen=True)
 class FileEntry:
     """One immutable data file of a partition and its row count."""
@@ -54,9 +68,18 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class TableState:
-    """The files of one table in one snapshot: pixel -> files (a pixel with no files is absent)."""
+    """The files of one table in one snapshot: partition -> files (a partition with no files is absent).
+
+    Partitions are keyed by NUNIQ (`layout.partition_key(order, pixel)`), so they may be at several orders:
+    the stream's order, and finer ones where compaction split a crowded partition. `splits` holds the keys of
+    the partitions that were split into their four children: the partitioning of a table is the tree they
+    make below the stream's order, and its leaves are where rows live. It is recorded explicitly, not
+    inferred from which partitions have files, because a row falling in a split region must go to the child
+    at the child's order even when that child has no file yet (`route`): never back to the parent, whose
+    files are no longer listed."""
 
     pixels: Mapping[int, tuple[FileEntry, ...]] = field(default_factory=dict)
+    splits: frozenset[int] = frozenset()
 
     @property
     def rows(self) -> int:
@@ -66,40 +89,126 @@ class TableState:
     def n_files(self) -> int:
         return sum(len(files) for files in self.pixels.values())
 
-    def files(self, pixel: int) -> tuple[FileEntry, ...]:
-        return self.pixels.get(pixel, ())
+    def files(self, key: int) -> tuple[FileEntry, ...]:
+        return self.pixels.get(key, ())
 
-    def pixel_rows(self, pixel: int) -> int:
-        return sum(f.rows for f in self.pixels.get(pixel, ()))
+    def pixel_rows(self, key: int) -> int:
+        return sum(f.rows for f in self.pixels.get(key, ()))
 
     def names(self) -> set[tuple[int, str]]:
         return {(p, f.name) for p, files in self.pixels.items() for f in files}
 
-    def partitions(self, order: int) -> list[list[int]]:
-        """[order, pixel, rows] per pixel in nested order: the shape of a release manifest's partitions."""
-        return [[order, p, self.pixel_rows(p)] for p in sorted(self.pixels)]
+    def orders(self) -> list[int]:
+        """The orders of the partitions that hold files."""
+        return sorted({alayout.order_pixel(k)[0] for k in self.pixels})
 
-    def updated(self, changes: Mapping[int, Iterable[FileEntry]]) -> TableState:
-        """A copy with each pixel of `changes` set to the given files (no files: the pixel is removed)."""
+    def partitions(self) -> list[list[int]]:
+        """[order, pixel, rows] per partition, in `_healpix_29` order: the shape of a release manifest's
+        partitions (the query engine prunes them by their spans, whatever their orders)."""
+        keys = sorted(self.pixels, key=lambda k: alayout.key_range29(k)[0])
+        return [[*alayout.order_pixel(k), self.pixel_rows(k)] for k in keys]
+
+    @cached_property
+    def _split_array(self) -> np.ndarray:
+        return np.array(sorted(self.splits), dtype=np.int64)
+
+    def route(self, hp29: np.ndarray, base_order: int) -> np.ndarray:
+        """The key of the leaf partition each `_healpix_29` value belongs to: its order-`base_order` pixel,
+        then its child at the next order for as long as that partition is split (one vectorised pass per
+        order of depth; sorted input gives sorted, contiguous runs of keys)."""
+        hp29 = np.asarray(hp29, dtype=np.int64)
+        keys = (4 << (2 * base_order)) + (hp29 >> (2 * (29 - base_order)))
+        if not self.splits or len(hp29) == 0:
+            return keys
+        split = self._split_array
+        orders = np.full(len(keys), base_order, dtype=np.int64)
+        active = np.isin(keys, split)
+        while active.any():
+            idx = np.flatnonzero(active)
+            o = orders[idx] + 1
+            keys[idx] = (np.int64(4) << (2 * o)) + (hp29[idx] >> (2 * (29 - o)))
+            orders[idx] = o
+            active[idx] = np.isin(keys[idx], split)
+        return keys
+
+    def is_leaf(self, key: int, base_order: int) -> bool:
+        """True if rows of `key`'s region live in `key` itself (not split, and every ancestor down from the
+        stream's order split)."""
+        order, pixel = alayout.order_pixel(key)
+        if order < base_order or key in self.splits:
+            return False
+        return all(
+            alayout.partition_key(o, pixel >> (2 * (order - o))) in self.splits
+            for o in range(base_order, order)
+        )
+
+    def check(self, base_order: int, what: str = "table") -> None:
+        """Refuse an inconsistent partitioning (files in a partition that is not a leaf, a split below a
+        partition that is not split): such a snapshot would hide rows from readers or route rows wrongly."""
+        if not self.splits and all(alayout.order_pixel(k)[0] == base_order for k in self.pixels):
+            return  # the single-order table every stream starts as
+        for key in self.splits:
+            order, pixel = alayout.order_pixel(key)
+            parent_ok = order == base_order or alayout.partition_key(order - 1, pixel >> 2) in self.splits
+            if order < base_order or order >= alayout.MAX_ORDER or not parent_ok:
+                raise AlertLakeError(f"{what}: partition {alayout.key_name(key)} cannot be split")
+        for key in self.pixels:
+            if not self.is_leaf(key, base_order):
+                raise AlertLakeError(
+                    f"{what}: partition {alayout.key_name(key)} holds files but is not a leaf of the "
+                    "partitioning; refusing to write this snapshot"
+                )
+
+    def updated(self, changes: Mapping[int, Iterable[FileEntry]], splits: Iterable[int] = ()) -> TableState:
+        """A copy with each partition of `changes` set to the given files (no files: the partition is
+        removed), and `splits` added to the split partitions."""
         pixels = dict(self.pixels)
-        for pixel, files in changes.items():
+        for key, files in changes.items():
             files = tuple(f for f in files if f.rows > 0)
             if files:
-                pixels[int(pixel)] = files
+                pixels[int(key)] = files
             else:
-                pixels.pop(int(pixel), None)
-        return TableState(pixels)
+                pixels.pop(int(key), None)
+        return TableState(pixels, self.splits | frozenset(int(k) for k in splits))
 
-    def to_json(self) -> dict[str, Any]:
+    def is_legacy(self, base_order: int) -> bool:
+        """True if the table is partitioned at the stream's order only (the snapshot format of version 1
+        describes it, and older readers can read it)."""
+        return not self.splits and all(alayout.order_pixel(k)[0] == base_order for k in self.pixels)
+
+    def to_json(self, base_order: int) -> dict[str, Any]:
+        if self.is_legacy(base_order):
+            pixels = {alayout.order_pixel(k)[1]: self.pixels[k] for k in self.pixels}
+            return {
+                "rows": self.rows,
+                "pixels": {str(p): [[f.name, f.rows] for f in pixels[p]] for p in sorted(pixels)},
+            }
         return {
             "rows": self.rows,
-            "pixels": {str(p): [[f.name, f.rows] for f in self.pixels[p]] for p in sorted(self.pixels)},
+            "partitions": {
+                alayout.key_name(k): [[f.name, f.rows] for f in self.pixels[k]] for k in sorted(self.pixels)
+            },
+            "splits": [alayout.key_name(k) for k in sorted(self.splits)],
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> TableState:
-        pixels = data["pixels"]
-        return cls({int(p): tuple(FileEntry(str(n), int(r)) for n, r in fs) for p, fs in pixels.items()})
+    def from_json(cls, data: Mapping[str, Any], base_order: int) -> TableState:
+        """Both forms: `partitions` keyed `order/pixel` with `splits` (version 2), or the single-order
+        `pixels` keyed by the pixel at the stream's order (version 1)."""
+        if "partitions" in data:
+            return cls(
+                {
+                    alayout.parse_key_name(k): tuple(FileEntry(str(n), int(r)) for n, r in fs)
+                    for k, fs in data["partitions"].items()
+                },
+                frozenset(alayout.parse_key_name(k) for k in data.get("splits", ())),
+            )
+        return cls(
+            {
+                alayout.partition_key(base_order, int(p)): tuple(FileEntry(str(n), int(r)) for n, r in fs)
+                for p, fs in data["pixels"].items()
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -135,19 +244,28 @@ class Snapshot:
         """Lake paths of every data file this snapshot references."""
         out = set()
         for table, state in self.tables.items():
-            for pixel, files in state.pixels.items():
+            for key, files in state.pixels.items():
                 for f in files:
-                    out.add(alayout.data_file(self.stream, table, self.order, pixel, f.name))
+                    out.add(alayout.key_file(self.stream, table, key, f.name))
         return out
+
+    def route(self, table: str, hp29: np.ndarray) -> np.ndarray:
+        """The partition key of each `_healpix_29` value in `table` (`TableState.route`)."""
+        return self.table(table).route(hp29, self.order)
+
+    def check(self) -> None:
+        for table, state in self.tables.items():
+            state.check(self.order, f"{self.stream}.{table}")
 
     def successor(self, **changes: Any) -> Snapshot:
         """The next snapshot (seq + 1) with `changes`; timestamps are set when it is written."""
         return replace(self, seq=self.seq + 1, previous=self.seq if self.seq else None, **changes)
 
     def to_json(self) -> bytes:
+        legacy = all(s.is_legacy(self.order) for s in self.tables.values())
         doc = {
             "format": SNAPSHOT_FORMAT,
-            "version": FORMAT_VERSION,
+            "version": FORMAT_VERSION if legacy else SNAPSHOT_VERSION,
             "stream": self.stream,
             "seq": self.seq,
             "previous": self.previous,
@@ -160,7 +278,7 @@ class Snapshot:
             "recent_batches": list(self.recent_batches),
             "source_position": self.source_position,
             "stats": dict(self.stats),
-            "tables": {t: s.to_json() for t, s in self.tables.items()},
+            "tables": {t: s.to_json(self.order) for t, s in self.tables.items()},
         }
         # compact: a stream's snapshot lists every file, and is re-read by every reader after each commit
         return json.dumps(doc, separators=(",", ":")).encode()
@@ -170,15 +288,16 @@ class Snapshot:
         doc = json.loads(data)
         if doc.get("format") != SNAPSHOT_FORMAT:
             raise AlertLakeError("not an alert-stream snapshot")
-        if int(doc.get("version", 0)) > FORMAT_VERSION:
+        if int(doc.get("version", 0)) > SNAPSHOT_VERSION:
             raise AlertLakeError(
                 f"alert snapshot format {doc['version']} is newer than this dac-lake supports: upgrade"
             )
+        order = int(doc["order"])
         return cls(
             stream=doc["stream"],
             seq=int(doc["seq"]),
-            order=int(doc["order"]),
-            tables={t: TableState.from_json(s) for t, s in doc["tables"].items()},
+            order=order,
+            tables={t: TableState.from_json(s, order) for t, s in doc["tables"].items()},
             created_at=doc.get("created_at", ""),
             created_unix=float(doc.get("created_unix", 0.0)),
             operation=doc.get("operation", "commit"),
@@ -280,6 +399,7 @@ class SnapshotStore:
         """Write `snapshot` create-only; `CommitConflict` if its number is taken. Returns it as written."""
         from dac_lake.lake import utcnow
 
+        snapshot.check()
         now = time.time()
         snapshot = replace(snapshot, created_at=utcnow(), created_unix=now)
         key = alayout.snapshot_key(self.stream, snapshot.seq)
@@ -322,8 +442,8 @@ def registry_manifest(config: StreamConfig, snapshot: Snapshot, table: str) -> d
         "id_column": definition.get("id_column"),
         "ra_column": definition.get("ra_column"),
         "dec_column": definition.get("dec_column"),
-        "partitions": state.partitions(snapshot.order),
+        "partitions": state.partitions(),
         "pixel_files": {
-            f"{snapshot.order}/{p}": [f.name for f in files] for p, files in sorted(state.pixels.items())
+            alayout.key_name(k): [f.name for f in files] for k, files in sorted(state.pixels.items())
         },
     }

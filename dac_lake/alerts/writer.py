@@ -39,6 +39,14 @@ Positions and the lookup radius: a detection is partitioned on its own position,
 position, an upper limit on its object's mean position when stored. The look-up of stored rows covers the
 order-11 HEALPix cells (~1.7') around each position of the batch and their neighbours, so an object's
 previous row is found as long as its mean moved less than ~30" (association radii are ~1.5").
+
+**Mixed orders.** Compaction may split a crowded partition into its children at finer orders
+(`dac_lake.alerts.compaction`); each table's snapshot state records which partitions were split. Every row
+of a batch is routed to the leaf partition of its `_healpix_29` (`TableState.route`), and the look-ups map
+the order-11 cells above to the leaves that contain them, so stored rows are found wherever they now live.
+A commit whose snapshot predates a split of a partition it writes to is not re-applied on top of it (its
+files sit at the old partitioning): it raises `PartitionsChanged` internally and runs again from the new
+snapshot, which re-reads, de-duplicates and routes the batch afresh (`commit(retries=...)`).
 """
 
 from __future__ import annotations
@@ -69,6 +77,7 @@ from dac_lake.alerts.snapshots import (
     AlertLakeError,
     CommitConflict,
     FileEntry,
+    PartitionsChanged,
     Snapshot,
     SnapshotStore,
     StreamConfig,
@@ -179,10 +188,11 @@ def table_schema(definition: CatalogDef | Mapping[str, Any]) -> pa.Schema:
     return pa.schema(fields, metadata={b"dac_lake.catalog": d.to_json().encode()})
 
 
-def neighbourhood_pixels(ra: np.ndarray, dec: np.ndarray, order: int) -> np.ndarray:
-    """The order-`order` pixels within reach of any of the positions: each position's order-11 cell and its
-    8 neighbours, mapped to `order`. Cheap (one unique and one vectorised neighbour look-up) and a superset
-    of every pixel within ~30 arcsec of a position."""
+def neighbourhood_cells(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """The `_healpix_29` start of each order-11 cell within reach of any of the positions: each position's
+    cell and its 8 neighbours. Cheap (one unique and one vectorised neighbour look-up) and a superset of the
+    sky within ~30 arcsec of a position. `TableState.route` maps them to the partitions to look in: an
+    order-11 cell lies inside exactly one partition, whatever the partition's order (at most 10)."""
     from cdshealpix.nested import neighbours
 
     if len(ra) == 0:
@@ -190,8 +200,13 @@ def neighbourhood_pixels(ra: np.ndarray, dec: np.ndarray, order: int) -> np.ndar
     hp29 = healpix.healpix29(np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64))
     cells = np.unique(hp29 >> (2 * (healpix.SPATIAL_INDEX_ORDER - NEIGHBOURHOOD_ORDER)))
     around = np.asarray(neighbours(cells.astype(np.uint64), NEIGHBOURHOOD_ORDER)).astype(np.int64).ravel()
-    around = around[around >= 0]
-    return np.unique(around >> (2 * (NEIGHBOURHOOD_ORDER - order)))
+    around = np.unique(np.concatenate([cells, around[around >= 0]]))
+    return around << (2 * (healpix.SPATIAL_INDEX_ORDER - NEIGHBOURHOOD_ORDER))
+
+
+def near_partitions(snap: Snapshot, table: str, cells: np.ndarray) -> list[int]:
+    """The partition keys of `table` in `snap` that contain any of `cells` (from `neighbourhood_cells`)."""
+    return [int(k) for k in np.unique(snap.route(table, cells))]
 
 
 def conform_input(
@@ -238,19 +253,18 @@ def _first_occurrence(values: np.ndarray | pa.Array) -> np.ndarray:
     return np.flatnonzero(~pd.Series(values).duplicated(keep="first").to_numpy())
 
 
-def _pixel_slices(hp29: np.ndarray, order: int) -> list[tuple[int, int, int]]:
-    """(pixel, start, stop) of each pixel's run in `hp29` (sorted)."""
-    if len(hp29) == 0:
+def key_slices(keys: np.ndarray) -> list[tuple[int, int, int]]:
+    """(key, start, stop) of each run of equal partition keys (routed from sorted `_healpix_29`)."""
+    if len(keys) == 0:
         return []
-    pix = hp29 >> (2 * (healpix.SPATIAL_INDEX_ORDER - order))
-    starts = np.flatnonzero(np.r_[True, pix[1:] != pix[:-1]])
-    stops = np.r_[starts[1:], len(pix)]
-    return [(int(pix[a]), int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    stops = np.r_[starts[1:], len(keys)]
+    return [(int(keys[a]), int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
 
 
 class _Cache:
-    """LRU of decoded file contents by (table, pixel, file name). Files never change, so entries never go
-    stale; the size bound only limits memory."""
+    """LRU of decoded file contents by (table, partition key, file name). Files never change, so entries
+    never go stale; the size bound only limits memory."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -392,12 +406,13 @@ class AlertLake:
         return self.snapshot().source_position
 
     # ------------------------------------------------------------------ file I/O
-    def file_path(self, table: str, pixel: int, name: str) -> str:
-        return alayout.data_file(self.stream, table, self.order, pixel, name)
+    def file_path(self, table: str, key: int, name: str) -> str:
+        """The lake path of file `name` of partition `key` (NUNIQ, `layout.partition_key`)."""
+        return alayout.key_file(self.stream, table, key, name)
 
-    def read_file(self, table: str, pixel: int, name: str, columns: list[str] | None = None) -> pa.Table:
+    def read_file(self, table: str, key: int, name: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(
-            self.storage.path(self.file_path(table, pixel, name)),
+            self.storage.path(self.file_path(table, key, name)),
             filesystem=self.storage.pa_fs,
             columns=columns,
             partitioning=None,
@@ -406,7 +421,7 @@ class AlertLake:
     def write_file(
         self,
         table: str,
-        pixel: int,
+        key: int,
         name: str,
         data: pa.Table,
         compression_level: int = BATCH_COMPRESSION_LEVEL,
@@ -420,7 +435,7 @@ class AlertLake:
             col = data.column(f.name)
             columns.append(col if col.type == f.type else col.cast(f.type))
         data = pa.Table.from_arrays(columns, schema=schema)
-        rel = self.file_path(table, pixel, name)
+        rel = self.file_path(table, key, name)
         if self.storage.is_s3:
             pq.write_table(data, self.storage.path(rel), filesystem=self.storage.pa_fs, **kwargs)
         else:
@@ -464,8 +479,8 @@ class AlertLake:
             return list(pool.map(fn, items))
 
     def _cached(self, kind: str, table: str, pixels: Iterable[int], snap: Snapshot, load: Callable) -> dict:
-        """{(pixel, name): value} for every file of `pixels` in `snap`, from the cache or `load(table,
-        pixel, name)` (files missing from the cache are read in parallel)."""
+        """{(key, name): value} for every file of partitions `pixels` (keys) in `snap`, from the cache or
+        `load(table, key, name)` (files missing from the cache are read in parallel)."""
         state = snap.table(table)
         out, todo = {}, []
         for pixel in pixels:
@@ -491,17 +506,23 @@ class AlertLake:
         return self.read_file(table, pixel, name).combine_chunks()
 
     def stored_ids(self, table: str, pixels: Iterable[int], snap: Snapshot) -> np.ndarray:
-        """The unique keys (detection_id / alert_id) stored in `pixels`."""
+        """The unique keys (detection_id / alert_id) stored in partitions `pixels` (keys)."""
         parts = list(self._cached("ids", table, pixels, snap, self._load_ids).values())
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
 
     def pixel_objects(self, pixels: Iterable[int], snap: Snapshot) -> dict[int, pa.Table]:
-        """The objects rows stored in each of `pixels` (pixels without objects are absent)."""
+        """The objects rows stored in each of partitions `pixels` (keys; partitions without objects are
+        absent)."""
         files = self._cached("full", alayout.OBJECTS, pixels, snap, self._load_full)
         by_pixel: dict[int, list[pa.Table]] = {}
         for (pixel, _), tbl in sorted(files.items()):
             by_pixel.setdefault(pixel, []).append(tbl)
         return {p: pa.concat_tables(t) if len(t) > 1 else t[0] for p, t in by_pixel.items()}
+
+    def objects_near(self, ra: np.ndarray, dec: np.ndarray, snap: Snapshot) -> dict[int, pa.Table]:
+        """The objects rows stored in the partitions within reach of the positions, by partition key."""
+        keys = near_partitions(snap, alayout.OBJECTS, neighbourhood_cells(ra, dec))
+        return self.pixel_objects(keys, snap)
 
     # ------------------------------------------------------------------ commit
     def commit(
@@ -512,13 +533,37 @@ class AlertLake:
         alerts: pa.Table | None = None,
         source_position: Any = None,
         before_snapshot: Callable[[], None] | None = None,
+        retries: int = 5,
     ) -> CommitResult:
         """Commit one batch: new files, then one create-only snapshot (see the module docstring).
 
         `source_position` (JSON-serialisable: Kafka offsets per topic partition, or a file and packet index)
         is stored in the snapshot; `source_position()` returns it for resuming. `before_snapshot` is called
         after every data file is written and before the snapshot is created (instrumentation, and the
-        tests' crash point). Raises `CommitConflict` if another writer committed since our snapshot."""
+        tests' crash point). Raises `CommitConflict` if another writer committed since our snapshot.
+
+        If a compaction re-partitioned what the batch writes to meanwhile (`PartitionsChanged`), the whole
+        commit runs again on the newest snapshot, up to `retries` times: the first attempt's files are
+        orphans for gc, and the de-duplication by ids makes the second attempt add each row once."""
+        for attempt in range(max(0, retries) + 1):
+            try:
+                return self._commit(batch_id, detections, upper_limits, alerts, source_position,
+                                    before_snapshot)  # fmt: skip
+            except PartitionsChanged as exc:
+                if attempt >= retries:
+                    raise
+                log.info("%s: batch %s again on the new partitioning: %s", self.stream, batch_id, exc)
+        raise AssertionError("unreachable")
+
+    def _commit(
+        self,
+        batch_id: str,
+        detections: pa.Table,
+        upper_limits: pa.Table | None,
+        alerts: pa.Table | None,
+        source_position: Any,
+        before_snapshot: Callable[[], None] | None,
+    ) -> CommitResult:
         t0 = time.perf_counter()
         started = time.time()
         timings: dict[str, float] = {}
@@ -530,7 +575,6 @@ class AlertLake:
             mark[0] = now
 
         alayout.check_batch_id(batch_id)
-        order = self.order
         base = self.snapshot(refresh=False)
         if batch_id in base.recent_batches:
             log.info(
@@ -566,29 +610,31 @@ class AlertLake:
             ra = np.concatenate([ra, alr.column("ra").to_numpy()])
             dec = np.concatenate([dec, alr.column("dec").to_numpy()])
         self._check_positions(ra, dec)
-        near = neighbourhood_pixels(ra, dec, order)
+        cells = neighbourhood_cells(ra, dec)
         lap("dedup_batch")
 
         # ---- 2. drop detections (and alerts) already stored
-        stored = self.stored_ids(alayout.DETECTIONS, near, base)
+        stored = self.stored_ids(alayout.DETECTIONS, near_partitions(base, alayout.DETECTIONS, cells), base)
         if len(stored) and det.num_rows:
             fresh = ~np.isin(det_ids, stored)
             det = det.filter(pa.array(fresh))
         if alr is not None and alr.num_rows:
-            stored_alerts = self.stored_ids(alayout.ALERTS, near, base)
+            stored_alerts = self.stored_ids(
+                alayout.ALERTS, near_partitions(base, alayout.ALERTS, cells), base
+            )
             if len(stored_alerts):
                 alr = alr.filter(pa.array(~np.isin(alr.column("alert_id").to_numpy(), stored_alerts)))
         lap("dedup_stored")
 
         # ---- 3. objects: previous rows near the batch, updated with the new detections
-        objects_by_pixel = self.pixel_objects(near, base)
+        objects_by_pixel = self.pixel_objects(near_partitions(base, alayout.OBJECTS, cells), base)
         batch_objects = pa.concat_arrays(
             [det.column("object_id").combine_chunks(), uls.column("object_id").combine_chunks()]
             + ([alr.column("object_id").combine_chunks()] if alr is not None else [])
         ).cast(pa.large_string())
         previous, previous_pixel = self._previous_objects(objects_by_pixel, pc.unique(batch_objects))
         new_objects = _with_hp29(update_objects(previous, det, batch_id))
-        touched = self._objects_touched(new_objects, previous_pixel)
+        touched = self._objects_touched(new_objects, previous_pixel, base)
         stored_pixels = base.table(alayout.OBJECTS).pixels
         missing = [p for p in touched if p not in objects_by_pixel and p in stored_pixels]
         if missing:  # a mean position moved beyond the neighbourhood: its pixel must be rewritten whole
@@ -607,7 +653,8 @@ class AlertLake:
             keys = _ul_keys(uls)
             first = _first_occurrence(keys)
             uls, keys = uls.take(first), keys.take(first)
-            ul_near = neighbourhood_pixels(uls.column("ra").to_numpy(), uls.column("dec").to_numpy(), order)
+            ul_cells = neighbourhood_cells(uls.column("ra").to_numpy(), uls.column("dec").to_numpy())
+            ul_near = near_partitions(base, alayout.UPPER_LIMITS, ul_cells)
             stored_keys = list(
                 self._cached("keys", alayout.UPPER_LIMITS, ul_near, base, self._load_ul_keys).values()
             )
@@ -629,9 +676,9 @@ class AlertLake:
             if data is None or data.num_rows == 0:
                 continue
             data = data.sort_by(HP)
-            for pixel, a, b in _pixel_slices(data.column(HP).to_numpy(), order):
-                writes.append((table, pixel, data.slice(a, b - a)))
-        object_writes, emptied = self._objects_rewrites(new_objects, touched, objects_by_pixel)
+            for key, a, b in key_slices(base.route(table, data.column(HP).to_numpy())):
+                writes.append((table, key, data.slice(a, b - a)))
+        object_writes, emptied = self._objects_rewrites(new_objects, touched, objects_by_pixel, base)
         writes += object_writes
         result.rows_new = {
             alayout.DETECTIONS: det.num_rows,
@@ -700,7 +747,9 @@ class AlertLake:
     ) -> Snapshot:
         """Create the snapshot after `base` with the batch's files. If a compaction committed in between,
         the batch is re-applied on top of it (a compaction changes neither the rows nor the objects table, so
-        the de-duplication done against `base` still holds); any other writer's snapshot is a conflict."""
+        the de-duplication done against `base` still holds) as long as every partition the batch writes to
+        is still a leaf (not split meanwhile) and the objects table is unchanged: otherwise
+        `PartitionsChanged`. Any other writer's snapshot is a `CommitConflict`."""
         by = writer_id()
         on = base
         for _ in range(20):
@@ -725,13 +774,18 @@ class AlertLake:
                 latest = self.snapshots.latest()
                 if latest is None or not self._only_compactions(base, latest):
                     raise
+                if not self._still_applies(base, latest, added):
+                    raise PartitionsChanged(
+                        f"{self.stream}: compaction #{latest.seq} re-partitioned what batch {batch_id} "
+                        "writes to; it must be committed again from the new snapshot"
+                    ) from None
                 log.info("%s: a compaction committed #%d meanwhile; rebasing batch %s", self.stream,
                          latest.seq, batch_id)  # fmt: skip
                 on = latest
         raise CommitConflict(f"{self.stream}: could not commit batch {batch_id}: the stream keeps changing")
 
     def _only_compactions(self, base: Snapshot, latest: Snapshot) -> bool:
-        """True if every snapshot after `base` up to `latest` is a compaction that left objects alone."""
+        """True if every snapshot after `base` up to `latest` is a compaction."""
         for seq in range(base.seq + 1, latest.seq + 1):
             try:
                 snap = latest if seq == latest.seq else self.snapshots.read(seq)
@@ -739,7 +793,23 @@ class AlertLake:
                 return False
             if snap.operation != "compact":
                 return False
-        return latest.table(alayout.OBJECTS) == base.table(alayout.OBJECTS)
+        return True
+
+    @staticmethod
+    def _still_applies(
+        base: Snapshot, latest: Snapshot, added: dict[str, dict[int, list[FileEntry]]]
+    ) -> bool:
+        """True if a batch planned on `base` can be re-applied on `latest` (compactions only in between):
+        the objects table is as it was, and every partition the batch adds files to is still a leaf."""
+        if latest.table(alayout.OBJECTS) != base.table(alayout.OBJECTS):
+            return False
+        for table, keys in added.items():
+            state = latest.table(table)
+            if state.splits != base.table(table).splits and not all(
+                state.is_leaf(k, latest.order) for k in keys
+            ):
+                return False
+        return True
 
     @staticmethod
     def _check_positions(ra: np.ndarray, dec: np.ndarray) -> None:
@@ -772,23 +842,28 @@ class AlertLake:
             )
         return previous, where
 
-    def _objects_touched(self, new_objects: pa.Table, previous_pixel: np.ndarray) -> list[int]:
-        """Pixels of the objects table a batch changes: where updated objects are now, and where their
-        previous rows were (a mean position may cross into a neighbouring pixel)."""
-        shift = 2 * (healpix.SPATIAL_INDEX_ORDER - self.order)
-        touched = set((new_objects.column(HP).to_numpy() >> shift).tolist())
+    def _objects_touched(
+        self, new_objects: pa.Table, previous_pixel: np.ndarray, base: Snapshot
+    ) -> list[int]:
+        """Partitions of the objects table a batch changes: where updated objects are now, and where their
+        previous rows were (a mean position may cross into a neighbouring partition)."""
+        touched = set(base.route(alayout.OBJECTS, new_objects.column(HP).to_numpy()).tolist())
         touched |= set(np.unique(previous_pixel).tolist())
         return sorted(int(p) for p in touched)
 
     def _objects_rewrites(
-        self, new_objects: pa.Table, touched: list[int], objects_by_pixel: dict[int, pa.Table]
+        self,
+        new_objects: pa.Table,
+        touched: list[int],
+        objects_by_pixel: dict[int, pa.Table],
+        base: Snapshot,
     ) -> tuple[list[tuple[str, int, pa.Table]], list[int]]:
-        """Copy-on-write of the objects table: each touched pixel's stored rows minus the updated objects
-        plus their new rows, as one new file; and the pixels left with no rows (they leave the table)."""
+        """Copy-on-write of the objects table: each touched partition's stored rows minus the updated
+        objects plus their new rows, as one new file; and the partitions left with no rows (they leave the
+        table)."""
         if new_objects.num_rows == 0:
             return [], []
-        shift = 2 * (healpix.SPATIAL_INDEX_ORDER - self.order)
-        new_pix = new_objects.column(HP).to_numpy() >> shift
+        new_pix = base.route(alayout.OBJECTS, new_objects.column(HP).to_numpy())
         updated = new_objects.column("object_id")
         schema = self.schema(alayout.OBJECTS)
         writes, emptied = [], []
@@ -869,7 +944,7 @@ class AlertLake:
         root = self.storage.upath(alayout.table_prefix(self.stream, table))
         prev_pixels = set(previous.table(table).pixels) if previous is not None else set()
         if set(state.pixels) != prev_pixels or table not in self._partition_info_written:
-            pixels = [HealpixPixel(snapshot.order, p) for p in sorted(state.pixels)]
+            pixels = [HealpixPixel(o, p) for o, p, _ in state.partitions()]
             PartitionInfo.from_healpix(pixels).write_to_file(catalog_path=root)
             self._partition_info_written.add(table)
         definition = self.config.definitions[table]
@@ -883,7 +958,7 @@ class AlertLake:
             healpix_order=healpix.SPATIAL_INDEX_ORDER,
             npix_suffix="/",
             hats_max_rows=max(state.pixel_rows(p) for p in state.pixels),
-            moc_sky_fraction=round(len(state.pixels) / (12 * 4**snapshot.order), 6),
+            moc_sky_fraction=round(sum(4.0 ** -alayout.order_pixel(k)[0] for k in state.pixels) / 12, 6),
             hats_builder="dac-lake",
             hats_creation_date=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M%Z"),
             hats_version="v1.0",
@@ -900,7 +975,8 @@ class AlertLake:
         return gc(self, grace_seconds=grace_seconds, keep_snapshots=keep_snapshots, dry_run=dry_run)
 
     def compact(self, **options: Any):
-        """Merge the small files of each pixel (`dac_lake.alerts.compaction.compact`)."""
+        """Merge the small files of each partition and split crowded ones
+        (`dac_lake.alerts.compaction.compact`)."""
         from dac_lake.alerts.compaction import compact
 
         return compact(self, **options)

@@ -226,8 +226,11 @@ def alerts_status(stream: str, lake: LakeOpt = None) -> None:
     )
     for table in alayout.TABLES:
         state = snap.table(table)
+        orders = state.orders()
+        mixed = f"  orders {orders[0]}-{orders[-1]}" if len(orders) > 1 else ""
         typer.echo(
-            f"  {table:13s} {state.rows:>12,} rows  {state.n_files:>7,} files  {len(state.pixels):>6,} pixels"
+            f"  {table:13s} {state.rows:>12,} rows  {state.n_files:>7,} files  {len(state.pixels):>6,} "
+            f"partitions{mixed}"
         )
     typer.echo(f"  resume from: {json.dumps(snap.source_position)}")
     try:
@@ -241,13 +244,21 @@ def alerts_status(stream: str, lake: LakeOpt = None) -> None:
 def alerts_compact(
     stream: str,
     lake: LakeOpt = None,
-    min_files: Annotated[int, typer.Option(help="compact a pixel holding at least this many files")] = 8,
+    min_files: Annotated[int, typer.Option(help="compact a partition holding at least this many files")] = 8,
+    crowded_rows: Annotated[
+        int, typer.Option(help="split a partition holding more rows than this into its 4 children")
+    ] = 1_000_000,
+    split: Annotated[bool, typer.Option(help="split crowded partitions (else only report them)")] = True,
+    max_order: Annotated[int, typer.Option(help="the finest HEALPix order a split may reach")] = 10,
 ) -> None:
-    """Merge each pixel's small batch files into one (readers keep reading; one snapshot)."""
+    """Merge each partition's small batch files into one and split crowded partitions into finer ones
+    (readers keep reading; one snapshot)."""
     from dac_lake.alerts.writer import AlertLake
 
     try:
-        r = AlertLake(_lake(lake).storage, stream).compact(min_files=min_files)
+        r = AlertLake(_lake(lake).storage, stream).compact(
+            min_files=min_files, crowded_rows=crowded_rows, split=split, max_order=max_order
+        )
     except Exception as exc:
         raise _fail(f"{type(exc).__name__}: {exc}") from None
     if r.seq is None:
@@ -255,10 +266,12 @@ def alerts_compact(
     else:
         typer.echo(
             f"{stream}: snapshot #{r.seq}: {r.files_before} files -> {r.files_after} ({r.rows:,} rows, "
-            f"pixels per table {r.pixels}) in {r.seconds:.1f} s"
+            f"partitions merged per table {r.pixels}, {len(r.splits)} split) in {r.seconds:.1f} s"
         )
-    for table, pixel, rows in r.crowded:
-        typer.echo(f"  crowded: {table} pixel {pixel} holds {rows:,} rows")
+    for sp in r.splits:
+        typer.echo(f"  split: {sp.line()}")
+    for table, (order, pixel), rows in r.crowded:
+        typer.echo(f"  crowded: {table} partition {order}/{pixel} holds {rows:,} rows (not split)")
     from dac_lake.alerts.context import compact_context
 
     merged = compact_context(_lake(lake).storage, stream)

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dac_lake.alerts import layout as alayout
-from dac_lake.alerts.writer import AlertLake, CommitResult, neighbourhood_pixels
+from dac_lake.alerts.writer import AlertLake, CommitResult
 from dac_lake.lake import Lake
 from ingest.alerts.normalise import normalise
 from ingest.alerts.packets import BatchDecoder, DeadLetter, FilePosition, KafkaPosition, position_to_json
@@ -340,10 +340,10 @@ class AlertIngest:
             return None, None, None
         detections = pa.concat_tables(parts, promote_options="default")
         ids = pc.unique(detections.column("object_id").combine_chunks().cast(pa.large_string()))
-        near = neighbourhood_pixels(
-            detections.column("ra").to_numpy(), detections.column("dec").to_numpy(), self.writer.order
+        near = self.writer.objects_near(
+            detections.column("ra").to_numpy(), detections.column("dec").to_numpy(), latest
         )
-        rows = [t for t in self.writer.pixel_objects(near, latest).values() if t.num_rows]
+        rows = [t for t in near.values() if t.num_rows]
         if not rows:
             return detections, None, None
         objects = pa.concat_tables(rows, promote_options="default")

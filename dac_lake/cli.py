@@ -264,6 +264,15 @@ def ingest_release_cmd(
     except _known_errors() as exc:
         bars.close()
         raise _fail(str(exc)) from None
+    except Exception as exc:
+        bars.close()
+        # the cluster gave up (a worker died too often, a task was lost): one line, like other failures;
+        # the release prefix has already been removed and the previous release is still current
+        if dask_address and type(exc).__module__.startswith("distributed"):
+            raise _fail(
+                f"the Dask cluster {dask_address} failed the ingest: {type(exc).__name__}: {exc}"
+            ) from None
+        raise
     bars.close()
     for line in summary.lines():
         typer.echo(line)

@@ -12,10 +12,12 @@ The task graph, a map / shuffle / reduce in the manner of hats-import:
 2. The driver sums the histograms and plans the partitions with `healpix.plan_partitions` (as locally).
    Ids are checked for uniqueness in id ranges (`split_ids` -> `check_id_bucket`), never gathered in one
    place; the ranges are sorted, so they also give the id index in its global order.
-3. After the release prefix is claimed: `split_part` cuts each sorted file into its partitions' rows
-   (and margin rows); `write_partition` (one task per partition) merges its pieces in input-file order,
-   sorts stably by `_healpix_29` (= the local global stable sort) and writes the partition file and its
-   margin file; `write_index_file` writes the id index files. Workers write straight to the lake.
+3. After the release prefix is claimed, partitions are taken in runs of consecutive pixels (`plan_groups`:
+   a few per worker, at most GROUP_MAX_ROWS rows, so the shuffle is files x groups pieces, not files x
+   partitions); `split_part` cuts each sorted file into one slice per group (plus each partition's margin
+   rows); `write_group` (one task per group) merges its pieces in input-file order, sorts stably by
+   `_healpix_29` (= the local global stable sort) and writes each partition file and its margin file;
+   `write_index_file` writes the id index files. Workers write straight to the lake.
 4. The driver writes the small metadata (`_metadata`, partition_info, properties) from the files' footers
    with the same `HatsCollectionWriter.finish_*` code as the local path, then validates and publishes.
 
@@ -63,6 +65,10 @@ ID_BUCKET_ROWS = 2_000_000
 ID_SAMPLE = 256
 #: how long a failed ingest waits for its tasks still running on workers before removing the prefix
 ABORT_WAIT_SECONDS = 120.0
+#: rows per write task at most (several small partitions share one task; a big one has its own), and
+#: at least this many write tasks per worker
+GROUP_MAX_ROWS = 5_000_000
+GROUPS_PER_WORKER = 4
 CONNECT_TIMEOUT_SECONDS = 30.0
 
 
@@ -130,10 +136,7 @@ def split_ids(part: FilePart, splits: np.ndarray) -> list[tuple[pa.Table, np.nda
     bucket = np.searchsorted(splits, ids, side="right") if len(splits) else np.zeros(len(ids), np.int64)
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(len(splits) + 2))
-    return [
-        (part.ids.take(order[a:b]), part.row_numbers[order[a:b]])
-        for a, b in itertools.pairwise(bounds)
-    ]
+    return [(part.ids.take(order[a:b]), part.row_numbers[order[a:b]]) for a, b in itertools.pairwise(bounds)]
 
 
 @dataclass
@@ -165,17 +168,22 @@ def bucket_info(bucket: IdBucket) -> tuple[int, int, Any]:
     return bucket.table.num_rows, bucket.duplicates, bucket.duplicate
 
 
-def split_part(
-    part: FilePart, spec: tuple[list, list | None]
-) -> list[tuple[pa.Table | None, pa.Table | None]]:
-    """Per partition of the plan: this file's rows in it and in its margin (None when there are none)."""
-    plan, margin_ranges = spec
+def split_part(part: FilePart, spec: tuple[list, list | None, list]) -> list[tuple]:
+    """Per group of partitions: this file's rows in the group (one slice: a group is a run of partitions
+    in nested order, hence one `_healpix_29` range) and, per partition, its margin rows (None if none)."""
+    plan, margin_ranges, groups = spec
     hp29 = part.table.column(healpix.SPATIAL_INDEX_COLUMN).to_numpy()
     out = []
-    for i, (order, pixel, _) in enumerate(plan):
-        main = hw.partition_slice(part.table, hp29, order, pixel)
-        margin = hw.margin_slice(part.table, hp29, margin_ranges[i]) if margin_ranges is not None else None
-        out.append((main if main.num_rows else None, margin))
+    for members in groups:
+        lo = healpix.pixel_range29(*plan[members[0]][:2])[0]
+        hi = healpix.pixel_range29(*plan[members[-1]][:2])[1]
+        start, stop = np.searchsorted(hp29, [lo, hi])
+        main = part.table.slice(start, stop - start) if stop > start else None
+        margins = [
+            hw.margin_slice(part.table, hp29, margin_ranges[j]) if margin_ranges is not None else None
+            for j in members
+        ]
+        out.append((main, margins))
     return out
 
 
@@ -211,30 +219,50 @@ def _worker_name() -> str:
         return f"pid {os.getpid()}"
 
 
-def write_partition(
+def write_group(
     lake_url: str,
     cat_dir: str,
     margin_dir: str | None,
-    order: int,
-    pixel: int,
-    pieces: list[tuple[pa.Table | None, pa.Table | None]],
+    partitions: list[tuple[int, int]],
+    pieces: list[tuple],
     compression_level: int,
     marker_key: str,
-) -> PartitionWritten:
-    """Write one partition file (and its margin file) from its pieces of every input file."""
+) -> list[PartitionWritten]:
+    """Write a group's partition files (and margin files) from its pieces of every input file."""
     _pause_point("dask-partition")
     storage = _worker_storage(lake_url)
     _check_claim(storage, marker_key)
-    rel = pixel_file(order, pixel)
-    main = _merge_sorted([m for m, _ in pieces if m is not None])
-    kwargs = hw.partition_write_kwargs(main.schema, compression_level)
-    md = hw.write_parquet(storage, f"{cat_dir}/dataset/{rel}", main, kwargs)
-    margin = None
-    margin_pieces = [g for _, g in pieces if g is not None]
-    if margin_dir is not None and margin_pieces:
-        part = _merge_sorted(margin_pieces)
-        margin = (hw.write_parquet(storage, f"{margin_dir}/dataset/{rel}", part, kwargs), part.num_rows)
-    return PartitionWritten((md, main.num_rows), margin, _worker_name())
+    rows = _merge_sorted([m for m, _ in pieces if m is not None])
+    hp29 = rows.column(healpix.SPATIAL_INDEX_COLUMN).to_numpy()
+    kwargs = hw.partition_write_kwargs(rows.schema, compression_level)
+    worker = _worker_name()
+    out = []
+    for j, (order, pixel) in enumerate(partitions):
+        rel = pixel_file(order, pixel)
+        main = hw.partition_slice(rows, hp29, order, pixel)
+        md = hw.write_parquet(storage, f"{cat_dir}/dataset/{rel}", main, kwargs)
+        margin = None
+        margin_pieces = [margins[j] for _, margins in pieces if margins[j] is not None]
+        if margin_dir is not None and margin_pieces:
+            part = _merge_sorted(margin_pieces)
+            margin = (hw.write_parquet(storage, f"{margin_dir}/dataset/{rel}", part, kwargs), part.num_rows)
+        out.append(PartitionWritten((md, main.num_rows), margin, worker))
+    return out
+
+
+def plan_groups(plan: list[tuple[int, int, int]], max_rows: int) -> list[list[int]]:
+    """Runs of consecutive partitions (nested order) of at most `max_rows` rows (a partition larger than
+    that is a group of its own). One write task per group keeps the shuffle at files x groups pieces."""
+    groups: list[list[int]] = []
+    rows = 0
+    for j, (_, _, n) in enumerate(plan):
+        if groups and rows + n <= max_rows:
+            groups[-1].append(j)
+            rows += n
+        else:
+            groups.append([j])
+            rows = n
+    return groups
 
 
 def write_index_file(
@@ -344,18 +372,23 @@ class DaskIngest:
             time.sleep(0.2)
         log.warning("tasks of the failed ingest still run after %.0f s", ABORT_WAIT_SECONDS)
 
-    def gather_in_order(self, futures: list, stage: str | None = None) -> list:
+    def gather_in_order(
+        self, futures: list, stage: str | None = None, weights: list[int] | None = None
+    ) -> list:
         """Results in submission order (so the first failing input is reported, as locally), reporting
-        progress as tasks complete."""
+        progress as tasks complete (a task counts `weights[i]` items: the partitions of a group)."""
         from distributed import as_completed
 
+        weight = dict(zip(futures, weights or [1] * len(futures), strict=True))
+        total, done = sum(weight.values()), 0
         if stage:
-            self.progress(stage, 0, len(futures))
-        for done, _fut in enumerate(as_completed(futures, loop=self.client.loop), start=1):
-            if _fut.status == "error":
+            self.progress(stage, 0, total)
+        for fut in as_completed(futures, loop=self.client.loop):
+            if fut.status == "error":
                 break
+            done += weight[fut]
             if stage:
-                self.progress(stage, done, len(futures))
+                self.progress(stage, done, total)
         return [f.result() for f in futures]
 
     # ------------------------------------------------------------------ step 1: read, check, plan
@@ -462,27 +495,29 @@ class DaskPrepared:
             margin_order = healpix.margin_order_for(options.margin_arcsec, max(o for o, _, _ in plan))
             ranges = [healpix.margin_ranges29(o, p, margin_order) for o, p, _ in plan]
             margin_dir = writer.margin_dir(options.margin_arcsec)
-        spec = dk.hold("plan", (plan, ranges))
+        group_rows = min(GROUP_MAX_ROWS, -(-self.rows // (GROUPS_PER_WORKER * dk.n_workers)))
+        groups = plan_groups(plan, max(group_rows, 1))
+        spec = dk.hold("plan", (plan, ranges, groups))
         splits = [dk.submit(f"split-{i}", split_part, part, spec) for i, part in enumerate(self.parts)]
         writes = []
-        for j, (order, pixel, _) in enumerate(plan):
-            pieces = [dk.submit(f"pick-{j}-{i}", operator.getitem, s, j) for i, s in enumerate(splits)]
+        for g, members in enumerate(groups):
+            pieces = [dk.submit(f"pick-{g}-{i}", operator.getitem, s, g) for i, s in enumerate(splits)]
             writes.append(
                 dk.submit(
-                    f"write-{j}",
-                    write_partition,
+                    f"write-{g}",
+                    write_group,
                     url,
                     writer.catalog_dir(),
                     margin_dir,
-                    order,
-                    pixel,
+                    [plan[j][:2] for j in members],
                     pieces,
                     options.compression_level,
                     marker_key,
                 )
             )
         index_jobs = self._submit_index(writer, url, definition, options, marker_key)
-        results: list[PartitionWritten] = dk.gather_in_order(writes, "partitions")
+        weights = [len(m) for m in groups]
+        results = [r for rs in dk.gather_in_order(writes, "partitions", weights) for r in rs]
         self.written_by = Counter(r.worker for r in results)
         main = writer.finish_catalog(
             self.schema,

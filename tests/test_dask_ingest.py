@@ -389,3 +389,40 @@ def test_bad_input_on_the_cluster_is_reported_and_writes_nothing(cluster, inputs
         messages.append(str(err.value))
         assert lake.releases("testcat") == []
     assert messages[0] == messages[1]
+
+
+@pytest.mark.s3
+def test_dask_ingest_to_s3_writes_the_local_release(cluster, inputs, tmp_path):
+    """Workers write straight to the Ceph RGW with their own settings (the S3 endpoint and keys reach
+    them through their environment, not the task graph): the release is the local one, file for file."""
+    from tests.conftest import S3_SKIP_REASON, _drop_bucket, s3_available
+
+    if not s3_available():
+        pytest.skip(S3_SKIP_REASON)
+    definition = load_definition(inputs["definition_file"])
+    local = _lake(tmp_path / "local")
+    ingest_release(local, "testcat", "dr1", inputs["small"], definition, IngestOptions(**SMALL))
+    bucket = f"dac-test-dask-{os.getpid()}-{int(time.time())}"
+    s3 = Lake(LakeStorage(f"s3://{bucket}/lake", load_settings()))
+    s3.init()
+    try:
+        summary = ingest_release(
+            s3,
+            "testcat",
+            "dr1",
+            inputs["small"],
+            definition,
+            IngestOptions(**SMALL, dask_address=cluster.address),
+        )
+        assert summary.published
+        prefix = layout.release_prefix("testcat", "dr1")
+        left = dict(local.storage.walk_files(prefix))
+        right = dict(s3.storage.walk_files(prefix))
+        assert sorted(left) == sorted(right)
+        parquet = [name for name in left if name.endswith(".parquet")]
+        assert len(parquet) > 10
+        for name in parquet:
+            assert local.storage.read_bytes(name) == s3.storage.read_bytes(name), name
+        assert dac_lake.connect(s3.storage.url).count("testcat") == 40_000
+    finally:
+        _drop_bucket(s3.storage, bucket)

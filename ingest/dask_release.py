@@ -331,7 +331,8 @@ class DaskIngest:
         except TimeoutError:
             self.client.close()
             raise LakeError(f"the Dask scheduler at {self.address} has no workers") from None
-        self.n_workers = len(self.client.nthreads())
+        self.workers = sorted(self.client.nthreads())
+        self.n_workers = len(self.workers)
         self.tag = f"dac-ingest-{uuid.uuid4().hex[:12]}"
         self.futures: list = []
         log.info("ingest on Dask %s: %d worker(s)", self.address, self.n_workers)
@@ -344,8 +345,14 @@ class DaskIngest:
             self.abort()
         self.client.close()
 
-    def submit(self, name: str, fn, *args):
-        fut = self.client.submit(fn, *args, key=f"{self.tag}-{name}", pure=False)
+    def submit(self, name: str, fn, *args, spread: int | None = None):
+        """Submit a task of this ingest. `spread=i` asks for worker i mod n (a hint: any worker may run it
+        if that one is busy or gone): reads and writes are dealt round-robin, so one worker that grabbed
+        every input file early does not end up doing all the writing too."""
+        placement = {}
+        if spread is not None:
+            placement = {"workers": [self.workers[spread % self.n_workers]], "allow_other_workers": True}
+        fut = self.client.submit(fn, *args, key=f"{self.tag}-{name}", pure=False, **placement)
         self.futures.append(fut)
         return fut
 
@@ -398,7 +405,7 @@ class DaskIngest:
         files = expand_inputs(inputs, self.lake.storage)
         file_names = [f.location for f in files]
         parts = [
-            self.submit(f"read-{i}", read_part, url, f, definition, opts.skip_bad_rows)
+            self.submit(f"read-{i}", read_part, url, f, definition, opts.skip_bad_rows, spread=i)
             for i, f in enumerate(files)
         ]
         summaries = self.gather_in_order(
@@ -513,6 +520,7 @@ class DaskPrepared:
                     pieces,
                     options.compression_level,
                     marker_key,
+                    spread=g,
                 )
             )
         index_jobs = self._submit_index(writer, url, definition, options, marker_key)

@@ -426,3 +426,23 @@ def test_dask_ingest_to_s3_writes_the_local_release(cluster, inputs, tmp_path):
         assert dac_lake.connect(s3.storage.url).count("testcat") == 40_000
     finally:
         _drop_bucket(s3.storage, bucket)
+
+
+def test_cli_takes_the_cluster_from_the_environment(cluster, inputs, tmp_path):
+    """`DAC_INGEST_DASK` sends `dac ingest release` to the cluster; `--dask local` keeps it in-process."""
+    from typer.testing import CliRunner
+
+    from dac_lake.cli import app
+
+    runner = CliRunner()
+    for name, extra, expect in (("env", [], "dask"), ("local", ["--dask", "local"], None)):
+        lake = _lake(tmp_path / name)
+        args = ["ingest", "release", "testcat", "dr1", *inputs["small"], "--lake", lake.storage.url]
+        args += ["--definition", str(inputs["definition_file"]), "--no-progress"]
+        args += ["--max-rows-per-partition", "3000", "--highest-order", "7", "--margin-arcsec", "60", *extra]
+        result = runner.invoke(app, args, env={"DAC_INGEST_DASK": cluster.address})
+        assert result.exit_code == 0, result.output
+        manifest = json.loads(
+            lake.storage.read_text(f"{layout.release_prefix('testcat', 'dr1')}/{layout.RELEASE_MANIFEST}")
+        )
+        assert (manifest.get("executor") or {}).get("kind") == expect

@@ -223,13 +223,25 @@ def ingest_release_cmd(
     threads: Annotated[int | None, typer.Option(help="worker threads (default: all cores)")] = None,
     compression_level: Annotated[int, typer.Option(help="zstd level of the Parquet files (hats: 15)")] = 9,
     progress: Annotated[bool, typer.Option(help="progress bars on a terminal")] = True,
+    dask: Annotated[
+        str | None,
+        typer.Option(
+            "--dask",
+            help="tcp://HOST:PORT of a Dask scheduler: read, partition and write on its workers "
+            "(default: [ingest] dask in the config, or DAC_INGEST_DASK; 'local': this process)",
+        ),
+    ] = None,
 ) -> None:
     """Ingest INPUTS as RELEASE of CATALOG: write HATS (catalog, margin, index), validate, publish."""
     from dac_lake.catalog_def import load_definition
+    from dac_lake.settings import section_setting
     from ingest.progress import StageBars
     from ingest.release import IngestOptions, ingest_release
 
     bars = StageBars(progress)
+    dask_address = dask or section_setting(load_settings(), "ingest", "dask")
+    if dask_address == "local":
+        dask_address = None
     try:
         the_lake = _lake(lake)
         options = IngestOptions(
@@ -242,6 +254,7 @@ def ingest_release_cmd(
             skip_bad_rows=skip_bad_rows,
             publish=publish,
             compression_level=compression_level,
+            dask_address=dask_address,
         )
         if threads:
             options.threads = threads
@@ -251,6 +264,15 @@ def ingest_release_cmd(
     except _known_errors() as exc:
         bars.close()
         raise _fail(str(exc)) from None
+    except Exception as exc:
+        bars.close()
+        # the cluster gave up (a worker died too often, a task was lost): one line, like other failures;
+        # the release prefix has already been removed and the previous release is still current
+        if dask_address and type(exc).__module__.startswith("distributed"):
+            raise _fail(
+                f"the Dask cluster {dask_address} failed the ingest: {type(exc).__name__}: {exc}"
+            ) from None
+        raise
     bars.close()
     for line in summary.lines():
         typer.echo(line)

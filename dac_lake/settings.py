@@ -73,6 +73,18 @@ class Settings:
         return data
 
 
+def section_setting(
+    settings: Settings, section: str, key: str, environ: dict[str, str] | None = None
+) -> Any:
+    """One setting of a config-file table: `DAC_<SECTION>_<KEY>` from the environment, else `key` in the
+    `[section]` table, else None (e.g. `[ingest] dask = "tcp://..."` or `DAC_INGEST_DASK`)."""
+    env = os.environ if environ is None else environ
+    value = env.get(f"DAC_{section.upper()}_{key.upper()}")
+    if value not in (None, ""):
+        return value
+    return (settings.sections.get(section) or {}).get(key)
+
+
 def mask_secret(value: str, keep: int = 0) -> str:
     """Hide a secret but keep enough of an access key to tell which one is in use."""
     if keep and len(value) > keep * 2:

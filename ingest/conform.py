@@ -120,17 +120,40 @@ def _first_true(mask: pa.ChunkedArray | pa.Array) -> int:
     return int(np.argmax(arr))
 
 
+def find_duplicate_ids(ids: np.ndarray) -> tuple[int, tuple[int, int] | None]:
+    """How many ids repeat the one before them in sorted order, and the positions (a, b) of the first
+    (smallest) repeated id, in input order. Pure, so the Dask path checks id ranges with the same rule."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+    if not len(dup):
+        return 0, None
+    return len(dup), (int(order[dup[0]]), int(order[dup[0] + 1]))
+
+
+def duplicate_id_message(
+    column: str, value, first: tuple[str, int], second: tuple[str, int], count: int
+) -> str:
+    """The error for a repeated id: both places (file, 0-based row) and the number of repeats."""
+    return (
+        f"duplicate id {column}={value!r}: {first[0]} row {first[1] + 1} and {second[0]} row {second[1] + 1} "
+        f"({count} duplicate(s) in all); ids must be unique"
+    )
+
+
 def check_unique_ids(
     ids: np.ndarray, sources: np.ndarray, rows: np.ndarray, file_names: list[str], column: str
 ):
     """Raise if an id occurs twice, naming both places. `ids` need not be sorted."""
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
-    dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
-    if len(dup):
-        a, b = order[dup[0]], order[dup[0] + 1]
+    count, first = find_duplicate_ids(ids)
+    if first is not None:
+        a, b = first
         raise InputError(
-            f"duplicate id {column}={sorted_ids[dup[0]].item()!r}: "
-            f"{file_names[sources[a]]} row {rows[a] + 1} and {file_names[sources[b]]} row {rows[b] + 1} "
-            f"({len(dup)} duplicate(s) in all); ids must be unique"
+            duplicate_id_message(
+                column,
+                ids[a].item() if hasattr(ids[a], "item") else ids[a],
+                (file_names[sources[a]], int(rows[a])),
+                (file_names[sources[b]], int(rows[b])),
+                count,
+            )
         )

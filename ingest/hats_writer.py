@@ -59,6 +59,88 @@ def data_bytes(md: pq.FileMetaData) -> int:
     return sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
 
 
+# ---------------------------------------------------------------------- per-file steps (pure, shared)
+# The local writer (thread pool) and the Dask path (`ingest.dask_release`, one task per file) both call
+# these, so a partition file is made by the same code whichever machine writes it.
+
+
+def write_parquet(storage: LakeStorage, rel: str, table: pa.Table, write_kwargs: dict) -> pq.FileMetaData:
+    """Write `table` to `rel` (relative to the lake root); return the file's metadata for `_metadata`."""
+    collector: list[pq.FileMetaData] = []
+    storage.make_dirs(rel.rsplit("/", 1)[0])
+    pq.write_table(
+        table, storage.path(rel), filesystem=storage.pa_fs, metadata_collector=collector, **write_kwargs
+    )
+    return collector[0]
+
+
+def partition_write_kwargs(
+    schema: pa.Schema, compression_level: int, sort_column: str = healpix.SPATIAL_INDEX_COLUMN
+) -> dict:
+    """hats' Parquet encodings, 10k-row groups, files declared sorted by `sort_column`."""
+    sorting = pq.SortingColumn.from_ordering(schema, [(sort_column, "ascending")])
+    return get_parquet_write_table_kwargs(
+        schema,
+        write_table_kwargs={
+            "sorting_columns": sorting,
+            "row_group_size": ROW_GROUP_ROWS,
+            "compression_level": compression_level,
+        },
+    )
+
+
+def index_write_kwargs(schema: pa.Schema, id_column: str, compression_level: int) -> dict:
+    sorting = pq.SortingColumn.from_ordering(schema, [(id_column, "ascending")])
+    return get_parquet_write_table_kwargs(
+        schema,
+        write_table_kwargs={
+            "sorting_columns": sorting,
+            "data_page_size": 16 * 1024,
+            "row_group_size": 100_000,
+            "compression_level": compression_level,
+        },
+    )
+
+
+def partition_slice(table: pa.Table, hp29: np.ndarray, order: int, pixel: int) -> pa.Table:
+    """The rows of partition (order, pixel) of a table sorted by `_healpix_29` (`hp29` is its column)."""
+    lo, hi = healpix.pixel_range29(order, pixel)
+    start, stop = np.searchsorted(hp29, [lo, hi])
+    return table.slice(start, stop - start)
+
+
+def margin_slice(table: pa.Table, hp29: np.ndarray, ranges: np.ndarray) -> pa.Table | None:
+    """The rows of a sorted table inside the margin `ranges` (from `healpix.margin_ranges29`), or None."""
+    if len(ranges) == 0:
+        return None
+    starts = np.searchsorted(hp29, ranges[:, 0])
+    stops = np.searchsorted(hp29, ranges[:, 1])
+    keep = stops > starts
+    if not keep.any():
+        return None
+    # ranges are sorted and disjoint, so concatenating the slices keeps the `_healpix_29` order
+    pieces = [table.slice(a, b - a) for a, b in zip(starts[keep], stops[keep], strict=True)]
+    return pa.concat_tables(pieces).combine_chunks()
+
+
+def index_table(ids: pa.Array, orders: np.ndarray, pixels: np.ndarray, id_column: str) -> pa.Table:
+    """(id, Norder, Npix) sorted by id, as hats' IndexCatalog reads it."""
+    table = pa.table(
+        {
+            id_column: ids,
+            "Norder": pa.array(np.asarray(orders).astype(np.uint8)),
+            "Npix": pa.array(np.asarray(pixels).astype(np.uint64)),
+        }
+    )
+    order = np.argsort(table.column(id_column).to_numpy(zero_copy_only=False), kind="stable")
+    return table.take(order)
+
+
+def index_file_rel(n: int) -> str:
+    """Index file `n` (relative to the index's dataset/); file n holds sorted rows [n*5M, (n+1)*5M)."""
+    return f"index/part.{n}.parquet"
+
+
 class HatsCollectionWriter:
     """Writes one HATS collection under `storage`'s `root` (a release prefix)."""
 
@@ -89,27 +171,10 @@ class HatsCollectionWriter:
         return f"{self.root}/{sub}"
 
     def _write_parquet(self, table: pa.Table, rel: str, write_kwargs: dict) -> pq.FileMetaData:
-        collector: list[pq.FileMetaData] = []
-        self.storage.make_dirs(rel.rsplit("/", 1)[0])
-        pq.write_table(
-            table,
-            self.storage.path(rel),
-            filesystem=self.storage.pa_fs,
-            metadata_collector=collector,
-            **write_kwargs,
-        )
-        return collector[0]
+        return write_parquet(self.storage, rel, table, write_kwargs)
 
     def _write_kwargs(self, schema: pa.Schema, sort_column: str = healpix.SPATIAL_INDEX_COLUMN) -> dict:
-        sorting = pq.SortingColumn.from_ordering(schema, [(sort_column, "ascending")])
-        return get_parquet_write_table_kwargs(
-            schema,
-            write_table_kwargs={
-                "sorting_columns": sorting,
-                "row_group_size": ROW_GROUP_ROWS,
-                "compression_level": self.compression_level,
-            },
-        )
+        return partition_write_kwargs(schema, self.compression_level, sort_column)
 
     def _write_dataset_metadata(
         self, catalog_dir: str, schema: pa.Schema, parts: list[tuple[str, pq.FileMetaData]]
@@ -152,6 +217,9 @@ class HatsCollectionWriter:
         return TableProperties(**(kwargs | base))
 
     # ------------------------------------------------------------------ the catalog
+    def catalog_dir(self) -> str:
+        return self._dir(self.name)
+
     def write_catalog(
         self,
         table: pa.Table,
@@ -164,26 +232,45 @@ class HatsCollectionWriter:
         """Write the primary catalog. `table` is sorted by `_healpix_29`; `plan` comes from
         `healpix.plan_partitions`; `counts` is the order-`mapping_order` histogram."""
         hp29 = table.column(healpix.SPATIAL_INDEX_COLUMN).to_numpy()
-        cat_dir = self._dir(self.name)
+        cat_dir = self.catalog_dir()
         kwargs = self._write_kwargs(table.schema)
-        written = WrittenCatalog(self.name)
 
-        def write_one(item: tuple[int, int, int]) -> tuple[str, pq.FileMetaData, int]:
+        def write_one(item: tuple[int, int, int]) -> tuple[pq.FileMetaData, int]:
             order, pixel, _ = item
-            lo, hi = healpix.pixel_range29(order, pixel)
-            start, stop = np.searchsorted(hp29, [lo, hi])
-            rel = pixel_file(order, pixel)
-            md = self._write_parquet(table.slice(start, stop - start), f"{cat_dir}/dataset/{rel}", kwargs)
-            return rel, md, int(stop - start)
+            part = partition_slice(table, hp29, order, pixel)
+            md = self._write_parquet(part, f"{cat_dir}/dataset/{pixel_file(order, pixel)}", kwargs)
+            return md, part.num_rows
 
         parts = self._map(write_one, plan, "partitions")
-        for (order, pixel, _), (_, md, nrows) in zip(plan, parts, strict=True):
+        return self.finish_catalog(
+            table.schema, plan, parts, table.num_rows, counts, mapping_order, max_rows, extra_properties
+        )
+
+    def finish_catalog(
+        self,
+        schema: pa.Schema,
+        plan: list[tuple[int, int, int]],
+        parts: list[tuple[pq.FileMetaData, int]],
+        total_rows: int,
+        counts: np.ndarray,
+        mapping_order: int,
+        max_rows: int,
+        extra_properties: dict[str, str] | None = None,
+    ) -> WrittenCatalog:
+        """The catalog's metadata once every partition file is written: `parts` holds (file metadata,
+        rows) for each `plan` entry, in plan order, wherever the files were written."""
+        cat_dir = self.catalog_dir()
+        written = WrittenCatalog(self.name)
+        for (order, pixel, _), (md, nrows) in zip(plan, parts, strict=True):
             written.partitions.append((order, pixel, nrows))
             written.rows += nrows
             written.bytes += data_bytes(md)
-        if written.rows != table.num_rows:
-            raise RuntimeError(f"partitioning lost rows: {written.rows} written of {table.num_rows}")
-        self._write_dataset_metadata(cat_dir, table.schema, [(rel, md) for rel, md, _ in parts])
+        if written.rows != total_rows:
+            raise RuntimeError(f"partitioning lost rows: {written.rows} written of {total_rows}")
+        rels = [pixel_file(o, p) for o, p, _ in plan]
+        self._write_dataset_metadata(
+            cat_dir, schema, [(rel, md) for rel, (md, _) in zip(rels, parts, strict=True)]
+        )
         pixels = [HealpixPixel(o, p) for o, p, _ in plan]
         PartitionInfo.from_healpix(pixels).write_to_file(catalog_path=self.storage.upath(cat_dir))
         skymap_order = min(mapping_order, SKYMAP_MAX_ORDER)
@@ -201,42 +288,49 @@ class HatsCollectionWriter:
         return written
 
     # ------------------------------------------------------------------ margin
+    def margin_dir(self, margin_arcsec: float) -> str:
+        return self._dir(layout.margin_name(self.name, margin_arcsec))
+
     def write_margin(
         self, table: pa.Table, plan: list[tuple[int, int, int]], margin_arcsec: float
     ) -> WrittenCatalog:
         """The margin cache: for each partition, the rows of the neighbouring margin-order pixels."""
-        name = layout.margin_name(self.name, margin_arcsec)
         highest = max(o for o, _, _ in plan)
         margin_order = healpix.margin_order_for(margin_arcsec, highest)
         hp29 = table.column(healpix.SPATIAL_INDEX_COLUMN).to_numpy()
-        mdir = self._dir(name)
+        mdir = self.margin_dir(margin_arcsec)
         kwargs = self._write_kwargs(table.schema)
-        written = WrittenCatalog(name)
 
-        def write_one(item: tuple[int, int, int]) -> tuple[str, pq.FileMetaData, int] | None:
+        def write_one(item: tuple[int, int, int]) -> tuple[pq.FileMetaData, int] | None:
             order, pixel, _ = item
-            ranges = healpix.margin_ranges29(order, pixel, margin_order)
-            if len(ranges) == 0:
+            part = margin_slice(table, hp29, healpix.margin_ranges29(order, pixel, margin_order))
+            if part is None:
                 return None
-            starts = np.searchsorted(hp29, ranges[:, 0])
-            stops = np.searchsorted(hp29, ranges[:, 1])
-            keep = stops > starts
-            if not keep.any():
-                return None
-            # ranges are sorted and disjoint, so concatenating the slices keeps the `_healpix_29` order
-            pieces = [table.slice(a, b - a) for a, b in zip(starts[keep], stops[keep], strict=True)]
-            part = pa.concat_tables(pieces).combine_chunks()
             rel = pixel_file(order, pixel)
-            return rel, self._write_parquet(part, f"{mdir}/dataset/{rel}", kwargs), part.num_rows
+            return self._write_parquet(part, f"{mdir}/dataset/{rel}", kwargs), part.num_rows
 
         results = self._map(write_one, plan, "margin")
+        return self.finish_margin(table.schema, plan, results, margin_arcsec)
+
+    def finish_margin(
+        self,
+        schema: pa.Schema,
+        plan: list[tuple[int, int, int]],
+        results: list[tuple[pq.FileMetaData, int] | None],
+        margin_arcsec: float,
+    ) -> WrittenCatalog:
+        """The margin's metadata once its files are written (`results`: per plan entry, None if the
+        partition has no margin rows); an empty margin still gets one empty file, as hats needs."""
+        name = layout.margin_name(self.name, margin_arcsec)
+        mdir = self.margin_dir(margin_arcsec)
+        written = WrittenCatalog(name)
         parts = []
         pixels = []
         for (order, pixel, _), res in zip(plan, results, strict=True):
             if res is None:
                 continue
-            rel, md, nrows = res
-            parts.append((rel, md))
+            md, nrows = res
+            parts.append((pixel_file(order, pixel), md))
             pixels.append(HealpixPixel(order, pixel))
             written.partitions.append((order, pixel, nrows))
             written.rows += nrows
@@ -245,9 +339,12 @@ class HatsCollectionWriter:
             # hats needs at least the schema; an empty margin (a catalog of one pixel) keeps an empty file
             order, pixel, _ = plan[0]
             rel = pixel_file(order, pixel)
-            parts.append((rel, self._write_parquet(table.slice(0, 0), f"{mdir}/dataset/{rel}", kwargs)))
+            empty = schema.empty_table()
+            parts.append(
+                (rel, self._write_parquet(empty, f"{mdir}/dataset/{rel}", self._write_kwargs(schema)))
+            )
             pixels.append(HealpixPixel(order, pixel))
-        self._write_dataset_metadata(mdir, table.schema, parts)
+        self._write_dataset_metadata(mdir, schema, parts)
         PartitionInfo.from_healpix(pixels).write_to_file(catalog_path=self.storage.upath(mdir))
         self._properties(
             catalog_name=name,
@@ -259,50 +356,43 @@ class HatsCollectionWriter:
         return written
 
     # ------------------------------------------------------------------ index
+    def index_dir(self) -> str:
+        return self._dir(layout.index_name(self.name, self.id_column))
+
     def write_index(self, ids: pa.Array, orders: np.ndarray, pixels: np.ndarray) -> WrittenCatalog:
         """An index catalog on the id column: (id, Norder, Npix) sorted by id, as hats' IndexCatalog reads
         it (row groups small, so a look-up reads a few pages)."""
-        name = layout.index_name(self.name, self.id_column)
-        idir = self._dir(name)
-        table = pa.table(
-            {
-                self.id_column: ids,
-                "Norder": pa.array(orders.astype(np.uint8)),
-                "Npix": pa.array(pixels.astype(np.uint64)),
-            }
-        )
-        order = np.argsort(table.column(self.id_column).to_numpy(zero_copy_only=False), kind="stable")
-        table = table.take(order)
-        sorting = pq.SortingColumn.from_ordering(table.schema, [(self.id_column, "ascending")])
-        kwargs = get_parquet_write_table_kwargs(
-            table.schema,
-            write_table_kwargs={
-                "sorting_columns": sorting,
-                "data_page_size": 16 * 1024,
-                "row_group_size": 100_000,
-                "compression_level": self.compression_level,
-            },
-        )
+        idir = self.index_dir()
+        table = index_table(ids, orders, pixels, self.id_column)
+        kwargs = index_write_kwargs(table.schema, self.id_column, self.compression_level)
         chunks = [
             (i, table.slice(i, INDEX_FILE_ROWS)) for i in range(0, max(table.num_rows, 1), INDEX_FILE_ROWS)
         ]
 
         def write_one(item):
             n, chunk = item
-            rel = f"index/part.{n // INDEX_FILE_ROWS}.parquet"
+            rel = index_file_rel(n // INDEX_FILE_ROWS)
             return rel, self._write_parquet(chunk, f"{idir}/dataset/{rel}", kwargs)
 
         parts = self._map(write_one, chunks, "index")
-        self._write_dataset_metadata(idir, table.schema, parts)
+        return self.finish_index(table.schema, parts, table.num_rows)
+
+    def finish_index(
+        self, schema: pa.Schema, parts: list[tuple[str, pq.FileMetaData]], total_rows: int
+    ) -> WrittenCatalog:
+        """The index's metadata once its files (`parts`: relative path, metadata) are written."""
+        name = layout.index_name(self.name, self.id_column)
+        idir = self.index_dir()
+        self._write_dataset_metadata(idir, schema, parts)
         self._properties(
             catalog_name=name,
             catalog_type="index",
-            total_rows=table.num_rows,
+            total_rows=total_rows,
             primary_catalog=self.name,
             indexing_column=self.id_column,
             extra_columns=[],
         ).to_properties_file(self.storage.upath(idir))
-        written = WrittenCatalog(name, rows=table.num_rows)
+        written = WrittenCatalog(name, rows=total_rows)
         written.bytes = sum(data_bytes(md) for _, md in parts)
         return written
 

@@ -24,7 +24,6 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -57,6 +56,9 @@ class IngestOptions:
     publish: bool = True
     validate_with_lsdb: bool = True
     compression_level: int = DEFAULT_COMPRESSION_LEVEL
+    #: `tcp://host:port` of a Dask distributed scheduler: read, partition and write on its workers
+    #: (see `ingest.dask_release`); None: this process, `threads` threads
+    dask_address: str | None = None
 
 
 @dataclass
@@ -102,10 +104,16 @@ ProgressFn = Callable[[str, int, int], None]
 
 def _pause_point(stage: str) -> None:
     """Test hook: with DAC_INGEST_PAUSE_AT=<stage>, announce the stage in DAC_INGEST_PAUSE_FILE and wait,
-    so a test can SIGKILL the process at exactly this point. Does nothing otherwise."""
+    so a test can SIGKILL the process at exactly this point. Does nothing otherwise, nor when the file
+    already exists: of several processes (Dask workers) only the first to get there pauses."""
     if os.environ.get("DAC_INGEST_PAUSE_AT") != stage:
         return
-    Path(os.environ["DAC_INGEST_PAUSE_FILE"]).write_text(f"{os.getpid()} {stage}\n")
+    try:
+        fd = os.open(os.environ["DAC_INGEST_PAUSE_FILE"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()} {stage}\n")
     while True:  # pragma: no cover - the test kills us here
         signal.pause()
 
@@ -206,6 +214,16 @@ def ingest_release(
     history = lake.pointer_history(catalog)
     expected_seq = history[-1] if history else 0
 
+    if options.dask_address:
+        from ingest.dask_release import DaskIngest
+
+        with DaskIngest(lake, options, progress) as dask_ingest:
+            prepared = dask_ingest.prepare(inputs, definition)
+            _pause_point("read")
+            return _claim_write_publish(
+                lake, catalog, release, prefix, expected_seq, prepared, definition, options, progress, t0
+            )
+
     # 1. read and check (nothing written yet)
     table, file_names, sources, rows, skipped, reasons = read_and_conform(
         inputs, definition, lake, options, progress
@@ -225,7 +243,25 @@ def ingest_release(
     order = np.argsort(hp29, kind="stable")
     table = _with_spatial_index(table.take(order), hp29[order], definition)
     progress("sort", 1, 1)
+    prepared = _Prepared(table, plan, counts, file_names, skipped, reasons)
+    return _claim_write_publish(
+        lake, catalog, release, prefix, expected_seq, prepared, definition, options, progress, t0
+    )
 
+
+def _claim_write_publish(
+    lake: Lake,
+    catalog: str,
+    release: str,
+    prefix: str,
+    expected_seq: int,
+    prepared,
+    definition: CatalogDef,
+    options: IngestOptions,
+    progress: ProgressFn,
+    t0: float,
+) -> IngestSummary:
+    """Steps 2-5, whichever way the input was prepared (`_Prepared` here, `DaskPrepared` on a cluster)."""
     # 2. claim the prefix
     marker_key = f"{prefix}/{layout.INCOMPLETE_MARKER}"
     marker = {
@@ -242,7 +278,6 @@ def ingest_release(
 
     try:
         with _Heartbeat(lake, marker_key, marker):
-            prepared = _Prepared(table, plan, counts, file_names, skipped, reasons)
             summary = _write_and_validate(
                 lake, catalog, release, prefix, prepared, definition, options, progress
             )
@@ -308,7 +343,6 @@ def _write_and_validate(
     options: IngestOptions,
     progress: ProgressFn,
 ) -> IngestSummary:
-    table, plan, counts = prepared.table, prepared.plan, prepared.counts
     file_names, skipped, reasons = prepared.file_names, prepared.skipped, prepared.reasons
     writer = HatsCollectionWriter(
         lake.storage,
@@ -328,20 +362,12 @@ def _write_and_validate(
             _pause_point("partitions")
 
     writer.progress = stage_progress
-    main = writer.write_catalog(
-        table,
-        plan,
-        counts,
-        options.highest_order,
-        options.max_rows_per_partition,
-        extra_properties={"obs_title": definition.title},
-    )
-    _pause_point("catalog")
-    margin = writer.write_margin(table, plan, options.margin_arcsec) if options.margin_arcsec > 0 else None
-    # per-row partition of the primary catalog, for the index
-    orders = np.repeat([o for o, _, _ in main.partitions], [n for _, _, n in main.partitions])
-    pixels = np.repeat([p for _, p, _ in main.partitions], [n for _, _, n in main.partitions])
-    index = writer.write_index(table.column(definition.id_column), orders, pixels)
+    if isinstance(prepared, _Prepared):
+        main, margin, index = _write_local(writer, prepared, definition, options)
+        executor = None
+    else:  # prepared on a Dask cluster: its workers write the files, this process the metadata
+        main, margin, index = prepared.write(writer, prefix, definition, options)
+        executor = prepared.executor_record()
     writer.write_collection_properties(margin.name if margin else None, index.name)
     lake.storage.write_text(f"{prefix}/{layout.DEFINITION_FILE}", definition.to_json())
     _pause_point("written")
@@ -380,7 +406,8 @@ def _write_and_validate(
         "ra_column": definition.ra_column,
         "dec_column": definition.dec_column,
         "inputs": file_names,
-        "options": {k: v for k, v in asdict(options).items() if k not in {"threads"}},
+        # how the work was run is not part of the data: `threads` and `dask_address` stay out of it
+        "options": {k: v for k, v in asdict(options).items() if k not in {"threads", "dask_address"}},
         "skipped_rows": skipped,
         "skipped_reasons": dict(reasons),
         # per-partition row counts: an unfiltered COUNT(*) answers from here, never from a scan
@@ -388,8 +415,30 @@ def _write_and_validate(
         "margin_partitions": [[o, p, n] for o, p, n in margin.partitions] if margin else [],
         "bytes": main.bytes,
     }
+    if executor:
+        manifest["executor"] = executor
     lake.storage.write_text(f"{prefix}/{layout.RELEASE_MANIFEST}", json.dumps(manifest, indent=1))
     return summary
+
+
+def _write_local(writer: HatsCollectionWriter, prepared: _Prepared, definition: CatalogDef, options):
+    """Catalog, margin and index from the sorted table in this process (the writer's thread pool)."""
+    table, plan = prepared.table, prepared.plan
+    main = writer.write_catalog(
+        table,
+        plan,
+        prepared.counts,
+        options.highest_order,
+        options.max_rows_per_partition,
+        extra_properties={"obs_title": definition.title},
+    )
+    _pause_point("catalog")
+    margin = writer.write_margin(table, plan, options.margin_arcsec) if options.margin_arcsec > 0 else None
+    # per-row partition of the primary catalog, for the index
+    orders = np.repeat([o for o, _, _ in main.partitions], [n for _, _, n in main.partitions])
+    pixels = np.repeat([p for _, p, _ in main.partitions], [n for _, _, n in main.partitions])
+    index = writer.write_index(table.column(definition.id_column), orders, pixels)
+    return main, margin, index
 
 
 def validate_release(

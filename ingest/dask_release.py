@@ -168,6 +168,15 @@ def bucket_info(bucket: IdBucket) -> tuple[int, int, Any]:
     return bucket.table.num_rows, bucket.duplicates, bucket.duplicate
 
 
+def split_spec(plan: list, margin_order: int | None, groups: list) -> tuple[list, list | None, list]:
+    """What `split_part` needs: the plan, each partition's margin `_healpix_29` ranges (None: no margin)
+    and the write groups."""
+    ranges = None
+    if margin_order is not None:
+        ranges = [healpix.margin_ranges29(o, p, margin_order) for o, p, _ in plan]
+    return plan, ranges, groups
+
+
 def split_part(part: FilePart, spec: tuple[list, list | None, list]) -> list[tuple]:
     """Per group of partitions: this file's rows in the group (one slice: a group is a run of partitions
     in nested order, hence one `_healpix_29` range) and, per partition, its margin rows (None if none)."""
@@ -297,10 +306,6 @@ def write_index_file(
     return rel, md, index.schema
 
 
-def _identity(obj):
-    return obj
-
-
 def _busy_keys(prefix: str, dask_worker=None) -> list[str]:
     """Keys of ours a worker is still executing (cancelled ones included: their thread runs on)."""
     busy = {"executing", "long-running", "cancelled", "resumed"}
@@ -355,10 +360,6 @@ class DaskIngest:
         fut = self.client.submit(fn, *args, key=f"{self.tag}-{name}", pure=False, **placement)
         self.futures.append(fut)
         return fut
-
-    def hold(self, name: str, obj):
-        """`obj` as a task's result, not scattered data: Dask can recompute it if its worker dies."""
-        return self.submit(name, _identity, obj)
 
     def abort(self) -> None:
         """Cancel every task of this ingest and wait until no worker still runs one, so that removing
@@ -497,14 +498,14 @@ class DaskPrepared:
         url = dk.lake.storage.url
         marker_key = f"{prefix}/{layout.INCOMPLETE_MARKER}"
         margin_dir = None
-        ranges = None
+        margin_order = None
         if options.margin_arcsec > 0:
             margin_order = healpix.margin_order_for(options.margin_arcsec, max(o for o, _, _ in plan))
-            ranges = [healpix.margin_ranges29(o, p, margin_order) for o, p, _ in plan]
             margin_dir = writer.margin_dir(options.margin_arcsec)
         group_rows = min(GROUP_MAX_ROWS, -(-self.rows // (GROUPS_PER_WORKER * dk.n_workers)))
         groups = plan_groups(plan, max(group_rows, 1))
-        spec = dk.hold("plan", (plan, ranges, groups))
+        # the margin ranges (megabytes for a large plan) are computed by a task, not shipped in the graph
+        spec = dk.submit("plan", split_spec, plan, margin_order, groups)
         splits = [dk.submit(f"split-{i}", split_part, part, spec) for i, part in enumerate(self.parts)]
         writes = []
         for g, members in enumerate(groups):

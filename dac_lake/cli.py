@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from dac_lake.cli_common import LakeOpt, _fail, _lake
 from dac_lake.settings import load_settings
 from ingest.alerts.cli import alerts_app, ingest_alerts
 
@@ -29,7 +30,6 @@ app.add_typer(ingest_app, name="ingest")
 app.add_typer(alerts_app, name="alerts")
 ingest_app.command("alerts")(ingest_alerts)
 
-LakeOpt = Annotated[str | None, typer.Option("--lake", help="lake URL: s3://bucket[/prefix] or a local path")]
 log = logging.getLogger("dac")
 
 
@@ -44,18 +44,6 @@ def _setup_logging(verbose: bool = False) -> None:
         logging.getLogger(ours).setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
-
-def _lake(url: str | None):
-    from dac_lake.lake import Lake
-    from dac_lake.storage import LakeStorage
-
-    return Lake(LakeStorage(url, load_settings()))
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:

@@ -14,25 +14,11 @@ from typing import Annotated, Any
 
 import typer
 
+from dac_lake.cli_common import LakeOpt, _fail, _lake
+
 log = logging.getLogger("dac.alerts")
 
 alerts_app = typer.Typer(help="Alert streams: status, compaction, garbage collection", no_args_is_help=True)
-
-LakeOpt = Annotated[str | None, typer.Option("--lake", help="lake URL: s3://bucket[/prefix] or a local path")]
-
-
-def _lake(url: str | None):
-    from dac_lake.lake import Lake
-    from dac_lake.settings import load_settings
-    from dac_lake.storage import LakeStorage
-
-    return Lake(LakeStorage(url, load_settings()))
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
 
 class KafkaMatchProducer:
     """`on_match` hook: produce a filter's matches to its Kafka topic, one JSON message per row keyed by
@@ -156,7 +142,7 @@ def ingest_alerts(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    bar = _bar(progress, len(files or []) if not kafka else None)
+    bar = _bar(progress)
 
     def on_batch(outcome: Any) -> None:
         c = outcome.commit
@@ -188,7 +174,7 @@ def ingest_alerts(
         Path(report).write_text(json.dumps(result.as_dict(), indent=1))
 
 
-def _bar(enabled: bool, files: int | None):
+def _bar(enabled: bool):
     if not (enabled and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
@@ -255,8 +241,9 @@ def alerts_compact(
     (readers keep reading; one snapshot)."""
     from dac_lake.alerts.writer import AlertLake
 
+    storage = _lake(lake).storage
     try:
-        r = AlertLake(_lake(lake).storage, stream).compact(
+        r = AlertLake(storage, stream).compact(
             min_files=min_files, crowded_rows=crowded_rows, split=split, max_order=max_order
         )
     except Exception as exc:
@@ -274,7 +261,7 @@ def alerts_compact(
         typer.echo(f"  crowded: {table} partition {order}/{pixel} holds {rows:,} rows (not split)")
     from dac_lake.alerts.context import compact_context
 
-    merged = compact_context(_lake(lake).storage, stream)
+    merged = compact_context(storage, stream)
     if merged:
         typer.echo(f"  context: merged the files of {len(merged)} pixels")
 

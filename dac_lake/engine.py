@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -99,7 +99,11 @@ class QueryControl:
         self._lock = threading.Lock()
         self._cancelled = False
         self._sandbox: SandboxQuery | None = None
+        self._callbacks: list = []
         self.files_total = 0
+        #: a query run as tasks on a Dask cluster (dac_lake.distributed) counts them here
+        self.tasks_total = 0
+        self.tasks_done = 0
 
     @property
     def cancelled(self) -> bool:
@@ -110,6 +114,19 @@ class QueryControl:
             self._cancelled = True
             if self._sandbox is not None:
                 self._sandbox.interrupt()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            with contextlib.suppress(Exception):
+                callback()
+
+    def on_cancel(self, callback) -> None:
+        """Call `callback` once when the query is cancelled (at once if it already is): how a query
+        running elsewhere (tasks on a Dask cluster) is stopped."""
+        with self._lock:
+            if not self._cancelled:
+                self._callbacks.append(callback)
+                return
+        callback()
 
     def progress(self) -> float | None:
         """Fraction done (DuckDB's estimate) of the running query, None before it starts or when unknown."""
@@ -117,7 +134,9 @@ class QueryControl:
             return None if self._sandbox is None else self._sandbox.progress()
 
     def describe(self) -> str:
-        """Progress for people: 'partitions ~3/17 (18%)'."""
+        """Progress for people: 'partitions ~3/17 (18%)', or the Dask tasks done of a distributed query."""
+        if self.tasks_total:
+            return f"partitions: {self.tasks_done}/{self.tasks_total} tasks done on the Dask cluster"
         frac = self.progress()
         if frac is None:
             return "waiting" if not self._cancelled else "cancelled"
@@ -389,13 +408,33 @@ class QueryEngine:
         """
         t0 = time.perf_counter()
         translation = self._translate(text, maxrec, memory_tables)
+        return self.stream_translation(translation, maxrec, timeout_s, memory_tables, control, started=t0)
+
+    def stream_translation(
+        self,
+        translation: Translation,
+        maxrec: int | None = None,
+        timeout_s: float | None = None,
+        memory_tables: Sequence[MemoryTable] = (),
+        control: QueryControl | None = None,
+        restrict: Mapping[str, np.ndarray] | None = None,
+        started: float | None = None,
+        pinned: Mapping[str, LakeTable] | None = None,
+    ) -> QueryStream:
+        """Run a translation (`stream` after translating; a Dask task of a distributed query with the SQL
+        of its partial step). `restrict`: relation -> `_healpix_29` ranges its rows must lie in (a task's
+        chunk of partitions, or their neighbourhood for the other side of a cross-match): only the files
+        and row groups meeting them are read. `pinned`: relation -> the lake table (release, alert snapshot)
+        to read, instead of the one the registry resolves now (every task of a distributed query reads what
+        its driver planned, even if a release is published or an alert batch lands meanwhile)."""
+        t0 = time.perf_counter() if started is None else started
         if control is not None and control.cancelled:
             raise QueryCancelled("the query was cancelled before it started")
         q = self._open_query(self._query_limits(maxrec, timeout_s))
         try:
             if control is not None:
                 control._bind(q)  # a cancel during planning (a cross-match's anchor cells) stops it too
-            scans, notes = self._define_relations(q, translation, memory_tables)
+            scans, notes = self._define_relations(q, translation, memory_tables, restrict, pinned)
             if control is not None:
                 control.files_total = sum(len(s.files) for s in scans)
             reader = q.stream(translation.sql)
@@ -442,8 +481,31 @@ class QueryEngine:
         regions, grow = effective_regions(ref, translation.table_refs, translation.crossmatches)
         return plan_scan(lt, ref, regions, grow)
 
+    def scan_plans(
+        self, translation: Translation, memory_tables: Sequence[MemoryTable] = ()
+    ) -> dict[str, tuple[LakeTable, ScanPlan]]:
+        """relation -> (its lake table, what a run on one machine would read), for every lake table
+        reference (a distributed query chooses what to split from these)."""
+        refs = translation.table_refs
+        by_relation = {r.relation: r for r in refs}
+        memory = {(m.meta.schema.lower(), m.meta.name.lower()): m for m in memory_tables}
+        out = {}
+        for ref in refs:
+            if (ref.table.schema.lower(), ref.table.name.lower()) in memory:
+                continue
+            lt = self.registry.find(ref.table.schema, ref.table.name)
+            if lt is None:
+                raise RuntimeError(f"translator returned unknown table {ref.table.schema}.{ref.table.name}")
+            out[ref.relation] = (lt, self._plan(lt, ref, translation, by_relation, memory))
+        return out
+
     def _define_relations(
-        self, q: SandboxQuery, translation: Translation, memory_tables: Sequence[MemoryTable] = ()
+        self,
+        q: SandboxQuery,
+        translation: Translation,
+        memory_tables: Sequence[MemoryTable] = (),
+        restrict: Mapping[str, np.ndarray] | None = None,
+        pinned: Mapping[str, LakeTable] | None = None,
     ) -> tuple[list[ScanPlan], list[dict]]:
         """One relation per table reference (lake tables: files or a pyarrow read; in-memory tables: Arrow
         relations of this query's connection). For a neighbour cross-match, the anchor side first (with
@@ -460,11 +522,14 @@ class QueryEngine:
             if mem is not None:
                 mems[ref.relation] = mem
                 continue
-            lt = self.registry.find(ref.table.schema, ref.table.name)
+            lt = (pinned or {}).get(ref.relation) or self.registry.find(ref.table.schema, ref.table.name)
             if lt is None:
                 raise RuntimeError(f"translator returned unknown table {ref.table.schema}.{ref.table.name}")
             tables[ref.relation] = lt
             plans[ref.relation] = self._plan(lt, ref, translation, by_relation, memory)
+        for relation, ranges in (restrict or {}).items():
+            if relation in plans:
+                plans[relation] = _restrict(tables[relation], plans[relation], ranges)
         defined: set[str] = set()
         notes: list[dict] = []
         for i, cm in enumerate(translation.crossmatches):

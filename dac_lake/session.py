@@ -153,6 +153,18 @@ class Session:
     ) -> pa.Table:
         """All pairs closer than `radius_arcsec` (a band join on declination plus the exact distance; never
         a cartesian product), with their separation in arcsec."""
+        text = self.crossmatch_adql(left, right, radius_arcsec, left_columns, right_columns)
+        return self.adql(text, maxrec=maxrec)
+
+    def crossmatch_adql(
+        self,
+        left: str,
+        right: str,
+        radius_arcsec: float,
+        left_columns: list[str] | None = None,
+        right_columns: list[str] | None = None,
+    ) -> str:
+        """The ADQL `crossmatch` runs (to send it as an async TAP job, or to a Dask cluster)."""
         a, b = self._table(left), self._table(right)
         lcols = left_columns or [a.definition["id_column"]]
         rcols = right_columns or [b.definition["id_column"]]
@@ -169,7 +181,7 @@ class Session:
             f"SELECT {la}, {rb}, DISTANCE({pa_}, {pb_}) * 3600.0 AS sep_arcsec "
             f"FROM {_adql_table(a)} AS a JOIN {_adql_table(b)} AS b ON DISTANCE({pa_}, {pb_}) <= {r!r}"
         )
-        return self.adql(text, maxrec=maxrec)
+        return text
 
     def sql(self, text: str) -> pa.Table:
         """Trusted DuckDB SQL (admins, notebooks; not for untrusted text). Each published catalog is a view

@@ -297,3 +297,16 @@ def test_translator_refusals():
     split_query(sql, "__dac_t0")
     with pytest.raises(NotDistributable, match="null-supplying"):
         split_query(sql, "__dac_t1")
+
+
+def test_zero_chunks_global_aggregate(data):
+    """Not a case the driver produces (it runs >= 1 chunk), but an aggregate without GROUP BY over an empty
+    partials relation (of the partial schema) still gives its one row, with COUNT 0 rather than NULL."""
+    split = split_query(adql("SELECT COUNT(*), COUNT(gmag) AS ng, SUM(gmag), AVG(gmag) FROM demo.survey"),
+                        "__dac_t0")
+    con = duckdb.connect()
+    con.register("__dac_t0", data["__dac_t0"].slice(0, 0))
+    empty_partials = con.execute(split.partial_sql).to_arrow_table().slice(0, 0)
+    final = duckdb.connect()
+    final.register(PARTIALS, empty_partials)
+    assert final.execute(split.final_sql).fetchall() == [(0, 0, None, None)]

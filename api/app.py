@@ -64,6 +64,7 @@ def create_app(
             yield
         finally:
             jobs.stop()
+            service.close()
             metrics.process_exit()
 
     app = FastAPI(

@@ -143,6 +143,7 @@ def _execute(service: DacService, owners: OwnerGroups, job: Job, ctx: JobContext
             timeout_s=float(timeout),
             control=control,
             who=job.owner_id,
+            distributed=True,
         )
         stop = threading.Event()
 

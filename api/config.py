@@ -17,6 +17,9 @@ memory_limit = "2GB"                    # per query
 threads = 2                             # per query
 query_log = "/var/log/dac-lake/query.log"  # one JSON line per query (unset: the process log)
 query_log_max_chars = 2000              # ADQL text longer than this is cut in the query log
+dask_scheduler = "tcp://10.0.0.5:8786"  # big async queries run as tasks on this Dask cluster (unset: never)
+dask_min_rows = 50000000                # ... when their lake scans hold at least this many rows
+dask_chunk_rows = 5000000               # rows of the split table per task
 ```
 Environment: `DAC_SERVICE_<KEY>` for each key (e.g. `DAC_SERVICE_SYNC_TIMEOUT_S=30`).
 """
@@ -54,6 +57,10 @@ class ServiceSettings:
     #: file for the structured query log (api/querylog.py); None: the lines go to the process log
     query_log: str | None = None
     query_log_max_chars: int = 2000
+    #: Dask scheduler for big async queries (dac_lake/distributed); None: every query runs in the service
+    dask_scheduler: str | None = None
+    dask_min_rows: int = 50_000_000
+    dask_chunk_rows: int = 5_000_000
 
     def __post_init__(self) -> None:
         if not 0 <= self.maxrec_default <= self.maxrec_max:
@@ -65,6 +72,8 @@ class ServiceSettings:
             raise ValueError("[service] time limits must be positive")
         if self.async_workers < 1:
             raise ValueError("[service] async_workers must be >= 1")
+        if self.dask_min_rows < 0 or self.dask_chunk_rows < 1:
+            raise ValueError("[service] dask_min_rows must be >= 0 and dask_chunk_rows >= 1")
         if self.query_log_max_chars < 0:
             raise ValueError("[service] query_log_max_chars must be >= 0")
 

@@ -61,6 +61,8 @@ class QueryRecord:
     job_id: str | None = None
     response_format: str | None = None
     maxrec: int | None = None
+    #: "dask" with the number of tasks for a query run on the Dask cluster (dac_lake/distributed)
+    dask_tasks: int | None = None
 
     def to_json(self, max_chars: int | None = None) -> str:
         limit = _max_chars if max_chars is None else max_chars
@@ -84,6 +86,7 @@ class QueryRecord:
             "bytes_read": self.bytes_read,
             "rows_scanned": self.rows_scanned,
             "error": self.error,
+            **({"executor": "dask", "dask_tasks": self.dask_tasks} if self.dask_tasks is not None else {}),
             "pid": os.getpid(),
         }
         return json.dumps(line, ensure_ascii=False, separators=(",", ":"))
@@ -194,6 +197,7 @@ def from_stream(
         job_id=job_id,
         response_format=request.response_format,
         maxrec=request.maxrec,
+        dask_tasks=(getattr(stream, "profile", None) or {}).get("tasks_run"),
     )
 
 

@@ -22,6 +22,7 @@ from api.tap.params import TapQuery, UploadRef
 from api.tap_schema import SchemaInfo, lake_schemas, tap_schema_tables
 from dac_lake.adql import AdqlError
 from dac_lake.adql.model import TableMeta
+from dac_lake.distributed.executor import DaskQueries, DistributedStream, QueryUnavailable
 from dac_lake.engine import MemoryTable, QueryCancelled, QueryControl, QueryEngine, QueryStream
 from dac_lake.lake import Lake
 from dac_lake.sandbox import QueryRejected, QueryTimeout, SandboxError, SandboxLimits
@@ -51,6 +52,24 @@ class DacService:
         self._engines: dict[frozenset[str], QueryEngine] = {}
         self._lock = threading.Lock()
         self.started = time.time()
+        self.dask: DaskQueries | None = None
+        if settings.dask_scheduler:
+            self.dask = DaskQueries(
+                settings.dask_scheduler,
+                lake.storage.url,
+                min_rows=settings.dask_min_rows,
+                chunk_rows=settings.dask_chunk_rows,
+                limits=SandboxLimits(memory_limit=settings.memory_limit, threads=settings.threads),
+            )
+
+    def close(self) -> None:
+        """Let go of the Dask client and the engines' databases (service shutdown)."""
+        if self.dask is not None:
+            self.dask.close()
+        with self._lock:
+            engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            engine.close()
 
     # ------------------------------------------------------------------ data rights
     def engine(self, groups: frozenset[str]) -> QueryEngine:
@@ -111,21 +130,29 @@ class DacService:
         timeout_s: float,
         control: QueryControl | None = None,
         who: str | None = None,
+        distributed: bool = False,
     ) -> PreparedQuery:
         """Translate, plan and start a query; raise TapError (with the HTTP status) for anything a caller
-        can fix. The returned chunks stream the result in the requested format."""
+        can fix. The returned chunks stream the result in the requested format.
+
+        `distributed` (async jobs): a query whose lake scans exceed `[service] dask_min_rows` runs as tasks
+        on the Dask cluster, if one is configured and the query can be split (dac_lake/distributed)."""
         t0 = time.perf_counter()
         fmt = resolve_format(request.response_format)
         engine = self.engine(groups)
         memory = tap_schema_tables(self.schemas(groups)) + self.upload_tables(request.uploads, files)
         try:
-            stream = engine.stream(
-                request.query,
-                maxrec=request.maxrec,
-                timeout_s=timeout_s,
-                memory_tables=memory,
-                control=control,
-            )
+            stream = None
+            if distributed and self.dask is not None:
+                stream = self._distributed(engine, request, memory, timeout_s, control)
+            if stream is None:
+                stream = engine.stream(
+                    request.query,
+                    maxrec=request.maxrec,
+                    timeout_s=timeout_s,
+                    memory_tables=memory,
+                    control=control,
+                )
         except Exception as exc:
             raise as_tap_error(exc) from exc
         chunks = fmt.writer(
@@ -136,6 +163,27 @@ class DacService:
             query=request.query,
         )
         return PreparedQuery(stream, fmt.media_type, fmt.extension, chunks, t0)
+
+
+    def _distributed(
+        self,
+        engine: QueryEngine,
+        request: TapQuery,
+        memory: list[MemoryTable],
+        timeout_s: float,
+        control: QueryControl | None,
+    ) -> DistributedStream | None:
+        """The query run on the Dask cluster, or None when it stays here (too small, or not splittable:
+        the reason is logged)."""
+        assert self.dask is not None
+        translation = engine.translate(request.query, request.maxrec, memory)
+        plan = self.dask.plan(engine, translation, memory)
+        if isinstance(plan, str):
+            log.info("query runs in the service, not on the Dask cluster: %s", plan)
+            return None
+        return self.dask.run(
+            engine, plan, memory, maxrec=request.maxrec, timeout_s=timeout_s, control=control
+        )
 
 
 def as_tap_error(exc: BaseException) -> TapError:
@@ -150,6 +198,8 @@ def as_tap_error(exc: BaseException) -> TapError:
         return TapError(str(exc), 400)
     if isinstance(exc, QueryRejected | SandboxError):
         return TapError(str(exc), 400)
+    if isinstance(exc, QueryUnavailable):
+        return TapError(str(exc), 503)
     log.exception("query failed unexpectedly")
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return TapError(

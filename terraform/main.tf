@@ -161,5 +161,6 @@ module "api" {
     DAC_WORKERS            = tostring(var.api_workers)
     DAC_SERVICE_PUBLIC_URL = local.service_url
     (var.dask_address_env) = module.dask.scheduler_address
+    DAC_INGEST_DASK        = module.dask.scheduler_address
   })
 }

@@ -191,9 +191,9 @@ variable "dask_threads_per_worker" {
 }
 
 variable "dask_address_env" {
-  description = "Environment variable through which the API nodes learn the Dask scheduler's address (tcp://IP:8786)."
+  description = "Environment variable through which the API nodes learn the Dask scheduler's address (tcp://IP:8786) for big async queries ([service] dask_scheduler)."
   type        = string
-  default     = "DAC_DASK_SCHEDULER"
+  default     = "DAC_SERVICE_DASK_SCHEDULER"
 
   validation {
     condition     = can(regex("^[A-Z][A-Z0-9_]*$", var.dask_address_env))

@@ -5,7 +5,8 @@ linear model fitted to the measured points (issue 6, point 2).
 For each size in `--rows`, one synthetic catalog (uniform sky + a dense clump, 8 input files) is ingested
 (a) in-process, (b) on a Dask cluster with 1 worker, (c) with 2 workers (a real `dask scheduler` and `dask
 worker` processes on 127.0.0.1), `--repeats` times each (median); then a 1" all-sky cross-match of the
-catalog against a second one (a third as many rows, near the first's positions) runs through the engine.
+catalog against a second one (a third as many rows, near the first's positions) runs in-process and as
+per-partition tasks on the same 1 and 2 workers (`dac_lake.distributed`, the path of a big async TAP job).
 Time = a + b * rows is fitted per configuration (least squares over the sizes); the model's extrapolation
 to a Rubin-scale release is printed with its assumptions.
 
@@ -138,6 +139,40 @@ def ingest_once(
     return seconds, size
 
 
+def xmatch_once(root: Path, address: str | None, repeats: int) -> tuple[float, int, list[float]]:
+    """Median seconds and pairs of the 1" cross-match of testcat and partner: in-process (address None)
+    or as tasks on the cluster (`dac_lake.distributed`, as a big async TAP job runs); one untimed run
+    first (imports, footers, the workers' engines)."""
+    import dac_lake
+    from dac_lake.distributed.executor import DaskQueries
+
+    session = dac_lake.connect(str(root))
+    text = session.crossmatch_adql("testcat", "partner", 1.0)
+    engine = session.engine
+    dq = DaskQueries(address, str(root), min_rows=0, chunk_rows=500_000) if address else None
+
+    def once() -> int:
+        if dq is None:
+            return engine.adql(text).table.num_rows
+        translation = engine.translate(text)
+        plan = dq.plan(engine, translation)
+        assert not isinstance(plan, str), plan
+        with dq.run(engine, plan, maxrec=None, timeout_s=3600) as stream:
+            return sum(b.num_rows for b in stream)
+
+    try:
+        once()
+        runs, pairs = [], 0
+        for _ in range(repeats):
+            t = time.perf_counter()
+            pairs = once()
+            runs.append(time.perf_counter() - t)
+    finally:
+        if dq is not None:
+            dq.close()
+    return statistics.median(runs), pairs, runs
+
+
 def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     """a, b of time = a + b * rows (least squares; b >= 0)."""
     x = np.array([p[0] for p in points], float)
@@ -169,6 +204,8 @@ def main(argv=None) -> int:
             configs = [("local", None), ("dask-1", cluster.address), ("dask-2", cluster.address)]
             per_config: dict[str, list[tuple[int, float]]] = {c: [] for c, _ in configs}
             inputs = {n: inputs_for(n, tmp / f"in-{n}") for n in sizes}
+            partner_def = dict(TEST_DEFINITION, name="partner")
+            (tmp / "partner.yaml").write_text(yaml.safe_dump(partner_def, sort_keys=False))
             for name, address in configs:
                 if name == "dask-2":
                     cluster.add_worker("w2")
@@ -187,29 +224,23 @@ def main(argv=None) -> int:
                         f"ingest {name:7s} {n:>10,} rows: {med:7.2f} s ({n / med:>9,.0f} rows/s; runs {[round(x, 2) for x in runs]})",
                         flush=True,
                     )
-            for n in sizes:  # the cross-match runs in-process (distributed cross-match: not built yet)
-                root = tmp / f"lake-local-{n}-0"
-                lake = Lake(LakeStorage(str(root)))
-                partner_def = dict(TEST_DEFINITION, name="partner")
-                (tmp / "partner.yaml").write_text(yaml.safe_dump(partner_def, sort_keys=False))
-                ingest_release(lake, "partner", "dr1", partner_for(n, tmp / f"partner-{n}", inputs[n]),
-                               load_definition(tmp / "partner.yaml"),
-                               IngestOptions(max_rows_per_partition=100_000, highest_order=8, margin_arcsec=5.0,
-                                             validate_with_lsdb=False))  # fmt: skip
-                import dac_lake
-
-                session = dac_lake.connect(str(root))
-                runs = []
-                for _ in range(args.repeats):
-                    t = time.perf_counter()
-                    pairs = session.crossmatch("testcat", "partner", 1.0)
-                    runs.append(time.perf_counter() - t)
-                med = statistics.median(runs)
-                results["xmatch"][n] = {"seconds": med, "pairs": pairs.num_rows}
-                print(
-                    f'xmatch  local   {n:>10,} x {n // 3:,} rows, 1": {med:6.2f} s, {pairs.num_rows:,} pairs',
-                    flush=True,
-                )
+                # the same 1" all-sky cross-match (the lake of the first local ingest of each size, plus
+                # a partner catalog), in-process and as per-partition tasks on the cluster's workers
+                for n in sizes:
+                    root = tmp / f"lake-local-{n}-0"
+                    if name == "local":
+                        ingest_release(Lake(LakeStorage(str(root))), "partner", "dr1",
+                                       partner_for(n, tmp / f"partner-{n}", inputs[n]),
+                                       load_definition(tmp / "partner.yaml"),
+                                       IngestOptions(max_rows_per_partition=100_000, highest_order=8,
+                                                     margin_arcsec=5.0, validate_with_lsdb=False))  # fmt: skip
+                    med, pairs, runs = xmatch_once(root, address, args.repeats)
+                    results["xmatch"].setdefault(name, {})[n] = {"seconds": med, "pairs": pairs}
+                    print(
+                        f'xmatch {name:7s} {n:>10,} x {n // 3:,} rows, 1": {med:6.2f} s, {pairs:,} pairs '
+                        f"(runs {[round(x, 2) for x in runs]})",
+                        flush=True,
+                    )
         finally:
             cluster.close()
     print("\nmodel: time = a + b * rows (least squares over the sizes)")
@@ -221,8 +252,18 @@ def main(argv=None) -> int:
         print(
             f"  ingest {name:7s}: a = {a:5.2f} s, b = {b * 1e6:6.3f} us/row ({1 / b if b else 0:,.0f} rows/s at scale)"
         )
-    xa, xb = fit([(n, v["seconds"]) for n, v in results["xmatch"].items()])
-    print(f"  xmatch local  : a = {xa:5.2f} s, b = {xb * 1e6:6.3f} us/row of the larger catalog")
+    xmodel = {}
+    for name, by_size in results["xmatch"].items():
+        xa, xb = fit([(n, v["seconds"]) for n, v in by_size.items()])
+        xmodel[name] = (xa, xb)
+        print(f"  xmatch {name:7s}: a = {xa:5.2f} s, b = {xb * 1e6:6.3f} us/row of the larger catalog")
+    for n in sizes:
+        counts = {name: by_size[n]["pairs"] for name, by_size in results["xmatch"].items()}
+        assert len(set(counts.values())) == 1, f"the cross-matches disagree at {n} rows: {counts}"
+        ratio = {name: results["xmatch"]["local"][n]["seconds"] / by_size[n]["seconds"]
+                 for name, by_size in results["xmatch"].items()}  # fmt: skip
+        print(f"  xmatch speed-up over local at {n:,} rows: "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items() if k != "local"))  # fmt: skip
     b1, b2 = model["dask-1"][1], model["dask-2"][1]
     eff = b1 / (2 * b2) if b2 else 0.0
     rows = args.rubin_rows

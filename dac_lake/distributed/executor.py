@@ -292,6 +292,7 @@ class DaskQueries:
         t0 = time.perf_counter()
         deadline = time.monotonic() + timeout_s
         reference = _reference_schema(engine, plan.translation, memory_tables)
+        t_reference = time.perf_counter()
         client = self.client()
         control = control or QueryControl()
         control.tasks_total, control.tasks_done = len(plan.chunks), 0
@@ -325,6 +326,7 @@ class DaskQueries:
             results = self._gather(client, futures, plan, control, deadline, timeout_s)
         finally:
             client.cancel([f for f in futures if not f.done()])
+        t_tasks = time.perf_counter()
         table = self._final(plan, results, reference, timeout_s)
         seconds = time.perf_counter() - t0
         scans = _merged_scans(plan, results)
@@ -338,6 +340,11 @@ class DaskQueries:
             "partial_rows": sum(r.table.num_rows for r in results),
             "task_seconds": round(sum(r.seconds for r in results), 3),
             "elapsed_s": round(seconds, 4),
+            "steps_s": {
+                "reference_schema": round(t_reference - t0, 4),
+                "tasks": round(t_tasks - t_reference, 4),
+                "final": round(time.perf_counter() - t_tasks, 4),
+            },
             "partial_sql": plan.split.partial_sql,
             "final_sql": plan.split.final_sql,
         }

@@ -36,7 +36,7 @@ UPLOAD_SCHEMA = "TAP_UPLOAD"
 class PreparedQuery:
     """A query that translated and planned: the stream is open, nothing has been sent yet."""
 
-    stream: QueryStream
+    stream: QueryStream | DistributedStream
     media_type: str
     extension: str
     chunks: Iterator[bytes]
@@ -207,7 +207,7 @@ def as_tap_error(exc: BaseException) -> TapError:
     )
 
 
-def _guarded(stream: QueryStream, who: str | None, query: str, t0: float) -> Iterator:
+def _guarded(stream: QueryStream | DistributedStream, who: str | None, query: str, t0: float) -> Iterator:
     """The stream's batches, closing it whatever happens, with the structured query log line."""
     ok = False
     try:

@@ -420,6 +420,7 @@ class QueryEngine:
         restrict: Mapping[str, np.ndarray] | None = None,
         started: float | None = None,
         pinned: Mapping[str, LakeTable] | None = None,
+        log_level: int = logging.INFO,
     ) -> QueryStream:
         """Run a translation (`stream` after translating; a Dask task of a distributed query with the SQL
         of its partial step). `restrict`: relation -> `_healpix_29` ranges its rows must lie in (a task's
@@ -445,7 +446,9 @@ class QueryEngine:
             if control is not None and control.cancelled and isinstance(exc, SandboxError | QueryTimeout):
                 raise QueryCancelled("the query was cancelled") from exc
             raise
-        return QueryStream(self, translation, q, reader, scans, notes, maxrec, control, t0)
+        stream = QueryStream(self, translation, q, reader, scans, notes, maxrec, control, t0)
+        stream.log_level = log_level
+        return stream
 
     def _plan(
         self,
@@ -604,7 +607,13 @@ class QueryEngine:
         q.define_view(relation, hidden, keys, index_column=MEMORY_INDEX_COLUMN)
 
     def _finish(
-        self, q: SandboxQuery, scans: list[ScanPlan], notes: list[dict], rows: int, t0: float
+        self,
+        q: SandboxQuery,
+        scans: list[ScanPlan],
+        notes: list[dict],
+        rows: int,
+        t0: float,
+        log_level: int = logging.INFO,
     ) -> dict:
         """The profile of a finished SQL query, and its log line."""
         profile = q.last_profile
@@ -612,7 +621,8 @@ class QueryEngine:
             profile["crossmatches"] = notes
         profile["row_groups"] = {s.relation: self._row_groups_selected(s) for s in scans}
         io = profile.get("io")
-        log.info(
+        log.log(
+            log_level,
             "query: %d rows in %.3f s; files %s; row groups %s%s",
             rows,
             time.perf_counter() - t0,
@@ -824,6 +834,7 @@ class QueryStream:
         self._control = control
         self._started = started
         self._closed = False
+        self.log_level = logging.INFO  # the one-machine type probe of a distributed query logs at DEBUG
 
     def __enter__(self) -> QueryStream:
         return self
@@ -859,7 +870,7 @@ class QueryStream:
             self._control._bind(None)
         try:
             self.profile = self._engine._finish(
-                self._query, self.scans, self._notes, self.rows, self._started
+                self._query, self.scans, self._notes, self.rows, self._started, self.log_level
             )
         finally:
             self._query.close()

@@ -434,7 +434,9 @@ def _reference_schema(
     """The Arrow schema DuckDB gives the query on one machine: the same SQL over empty relations."""
     empty = {ref.relation: np.empty((0, 2), dtype=np.int64) for ref in translation.table_refs}
     tables = [MemoryTable(m.meta, m.table.slice(0, 0)) for m in memory_tables]
-    stream = engine.stream_translation(translation, None, None, tables, restrict=empty)
+    stream = engine.stream_translation(
+        translation, None, None, tables, restrict=empty, log_level=logging.DEBUG
+    )
     with stream:
         for _ in stream:
             pass

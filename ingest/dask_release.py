@@ -350,14 +350,16 @@ class DaskIngest:
             self.abort()
         self.client.close()
 
-    def submit(self, name: str, fn, *args, spread: int | None = None):
-        """Submit a task of this ingest. `spread=i` asks for worker i mod n (a hint: any worker may run it
-        if that one is busy or gone): reads and writes are dealt round-robin, so one worker that grabbed
-        every input file early does not end up doing all the writing too."""
-        placement = {}
-        if spread is not None:
-            placement = {"workers": [self.workers[spread % self.n_workers]], "allow_other_workers": True}
-        fut = self.client.submit(fn, *args, key=f"{self.tag}-{name}", pure=False, **placement)
+    def submit(self, name: str, fn, *args):
+        """Submit a task of this ingest; Dask deals the reads and writes out to idle workers as they come.
+
+        Why no worker restrictions, not even loose ones: when every worker of the cluster dies (the only
+        worker, killed by its nanny for memory), Dask parks restricted tasks as `no-worker` and, when the
+        restarted worker joins under a new address, schedules only tasks whose restrictions it meets,
+        ignoring `allow_other_workers` (distributed 2026.8, Scheduler.
+        bulk_schedule_unrunnable_after_adding_worker): the ingest then waits forever (seen in bench/scale).
+        """
+        fut = self.client.submit(fn, *args, key=f"{self.tag}-{name}", pure=False)
         self.futures.append(fut)
         return fut
 
@@ -406,7 +408,7 @@ class DaskIngest:
         files = expand_inputs(inputs, self.lake.storage)
         file_names = [f.location for f in files]
         parts = [
-            self.submit(f"read-{i}", read_part, url, f, definition, opts.skip_bad_rows, spread=i)
+            self.submit(f"read-{i}", read_part, url, f, definition, opts.skip_bad_rows)
             for i, f in enumerate(files)
         ]
         summaries = self.gather_in_order(
@@ -521,7 +523,6 @@ class DaskPrepared:
                     pieces,
                     options.compression_level,
                     marker_key,
-                    spread=g,
                 )
             )
         index_jobs = self._submit_index(writer, url, definition, options, marker_key)

@@ -204,6 +204,34 @@ def test_killed_worker_is_replaced_and_the_release_is_the_same(cluster, inputs, 
     assert dac_lake.connect(dask_lake.storage.url).count("testcat") == 40_000
 
 
+def test_losing_the_only_worker_does_not_stall_the_ingest(inputs, tmp_path):
+    """A cluster of one worker whose process dies mid-ingest (its nanny restarts it under a new address,
+    as after a memory kill): the ingest's tasks are recomputed on the new process and the release is the
+    local one. (Tasks restricted to a worker address, even loosely, stayed `no-worker` for ever: Dask
+    ignores `allow_other_workers` when a worker joins.)"""
+    definition_file = inputs["definition_file"]
+    local = _lake(tmp_path / "local")
+    opts = IngestOptions(**SMALL, validate_with_lsdb=False)
+    ingest_release(local, "testcat", "dr1", inputs["small"], load_definition(definition_file), opts)
+    (tmp_path / "solo").mkdir()
+    solo = Cluster(tmp_path / "solo")
+    solo.pause_file.write_text("disarmed\n")
+    try:
+        solo.add_worker("only")
+        solo.connect(1)
+        dask_lake = _lake(tmp_path / "dask")
+        solo.arm_pause()
+        outcome = _ingest_in_thread(dask_lake, "dr1", inputs["small"], definition_file, solo.address)
+        os.kill(solo.paused_worker_pid(outcome), signal.SIGKILL)
+        outcome["thread"].join(timeout=120)
+        assert not outcome["thread"].is_alive(), "the ingest stalled after its only worker died"
+        assert "error" not in outcome, repr(outcome.get("error"))
+        assert outcome["summary"].published
+        _assert_same_release(local, dask_lake)
+    finally:
+        solo.close()
+
+
 def test_ingest_fails_cleanly_when_dask_gives_up(cluster, inputs, tmp_path):
     """With no retries allowed, a worker dying under a partition task fails the ingest: the error
     reaches the caller, the new release's prefix is removed, the previous release stays current."""

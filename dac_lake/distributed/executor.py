@@ -84,6 +84,7 @@ class DistributedPlan:
     chunks: list[ChunkSpec]
     broadcast: list[MemoryTable]  # in-memory tables every task gets whole
     rows: int  # rows the one-machine scans would read
+    reference: pa.Schema | None = None  # the one-machine result's schema (DaskQueries.plan probes it)
 
     @property
     def partial(self) -> Translation:
@@ -266,8 +267,10 @@ class DaskQueries:
     def plan(
         self, engine: QueryEngine, translation: Translation, memory_tables: Sequence[MemoryTable] = ()
     ) -> DistributedPlan | str:
-        """A plan for the cluster, or the reason the query stays on one machine."""
-        return plan_distributed(
+        """A plan for the cluster, or the reason the query stays on one machine. The plan is probed on
+        empty relations first (the original SQL for its result types, then the partial and the final
+        steps): a split that DuckDB cannot bind (e.g. SUM over a type only AVG takes) stays local."""
+        plan = plan_distributed(
             engine,
             translation,
             memory_tables,
@@ -275,6 +278,16 @@ class DaskQueries:
             chunk_rows=self.chunk_rows,
             min_chunks=lambda: TASKS_PER_WORKER * self.workers(),
         )
+        if isinstance(plan, str):
+            return plan
+        plan.reference = _empty_result(engine, translation, memory_tables).schema
+        try:
+            partial = _empty_result(engine, plan.partial, memory_tables)
+            self._final(plan, [partial], plan.reference, self.limits.timeout_s)
+        except Exception as exc:  # any failure of the probe means: run it locally
+            log.warning("the split of this query does not run (%s); it stays on one machine", exc)
+            return f"its split does not run in DuckDB ({_first_line(exc)})"
+        return plan
 
     # ------------------------------------------------------------------ running
     def run(
@@ -291,7 +304,9 @@ class DaskQueries:
         local query. The returned stream holds the (final, small) result."""
         t0 = time.perf_counter()
         deadline = time.monotonic() + timeout_s
-        reference = _reference_schema(engine, plan.translation, memory_tables)
+        reference = plan.reference
+        if reference is None:
+            reference = _empty_result(engine, plan.translation, memory_tables).schema
         t_reference = time.perf_counter()
         client = self.client()
         control = control or QueryControl()
@@ -327,7 +342,7 @@ class DaskQueries:
         finally:
             client.cancel([f for f in futures if not f.done()])
         t_tasks = time.perf_counter()
-        table = self._final(plan, results, reference, timeout_s)
+        table = self._final(plan, [r.table for r in results], reference, timeout_s)
         seconds = time.perf_counter() - t0
         scans = _merged_scans(plan, results)
         profile = {
@@ -390,17 +405,17 @@ class DaskQueries:
         return results
 
     def _final(
-        self, plan: DistributedPlan, results: list[ChunkResult], reference: pa.Schema, timeout_s: float
+        self, plan: DistributedPlan, results: list[pa.Table], reference: pa.Schema, timeout_s: float
     ) -> pa.Table:
         """The final SQL over the concatenated partial results, cast to the one-machine types."""
         names = list(plan.split.partial_columns)
         pieces = []
-        for r in results:
-            if r.table.num_columns != len(names):
+        for table in results:
+            if table.num_columns != len(names):
                 raise RuntimeError(
-                    f"a task returned {r.table.num_columns} columns, the split expects {len(names)}"
+                    f"a task returned {table.num_columns} columns, the split expects {len(names)}"
                 )
-            pieces.append(r.table.rename_columns(names))
+            pieces.append(table.rename_columns(names))
         partials = pa.concat_tables(pieces, promote_options="permissive")
         with self._lock:
             db = self._final_db
@@ -428,19 +443,24 @@ def _run_chunk(lake_url, groups, limits, partial, restrict, pinned, broadcast, m
     return run_chunk(lake_url, groups, limits, partial, restrict, pinned, [*broadcast, *memory], timeout_s)
 
 
-def _reference_schema(
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _empty_result(
     engine: QueryEngine, translation: Translation, memory_tables: Sequence[MemoryTable]
-) -> pa.Schema:
-    """The Arrow schema DuckDB gives the query on one machine: the same SQL over empty relations."""
+) -> pa.Table:
+    """The (empty) result of `translation` over empty relations: the Arrow schema DuckDB gives it, found
+    in a few ms without reading any row."""
     empty = {ref.relation: np.empty((0, 2), dtype=np.int64) for ref in translation.table_refs}
     tables = [MemoryTable(m.meta, m.table.slice(0, 0)) for m in memory_tables]
     stream = engine.stream_translation(
         translation, None, None, tables, restrict=empty, log_level=logging.DEBUG
     )
     with stream:
-        for _ in stream:
-            pass
-        return stream.schema
+        batches = list(stream)
+        return pa.Table.from_batches(batches, schema=stream.schema)
 
 
 def _cast_to(table: pa.Table, schema: pa.Schema) -> pa.Table:

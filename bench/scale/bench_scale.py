@@ -65,7 +65,7 @@ class LocalCluster:
 
     def add_worker(self, name: str) -> None:
         self.procs.append(self._spawn(name, ["worker", self.address, "--nworkers", "1", "--nthreads", "1",
-                                             "--memory-limit", "4GB", "--no-dashboard", "--name", name]))  # fmt: skip
+                                             "--memory-limit", "8GB", "--no-dashboard", "--name", name]))  # fmt: skip
 
     def wait(self, workers: int) -> None:
         import importlib

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dac_lake.distributed.chunks import (
+    MAX_MARGIN_RANGES,
     chunk_partitions,
     in_ranges,
     margin_ranges,
@@ -97,7 +98,7 @@ def test_margin_of_a_small_chunk_is_small_and_a_huge_radius_is_the_sky():
     lo, hi = pixel_range29(7, 1000)
     assert hi - lo < area < 2 * (hi - lo)  # the pixel plus a thin ring
     assert margin_ranges(chunk, 40.0) is None
-    assert len(margin_ranges([(0, 3, 1)], 1 / 3600)) <= 512
+    assert len(margin_ranges([(0, 3, 1)], 1 / 3600)) <= MAX_MARGIN_RANGES
 
 
 def test_position_index_marks_bad_positions_and_in_ranges_matches_brute_force():

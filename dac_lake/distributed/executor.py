@@ -108,6 +108,17 @@ def _partners(translation: Translation, relation: str) -> dict[str, float]:
     return out
 
 
+def _split_candidates(translation: Translation, plans: dict) -> list[str]:
+    """Lake relations in the order to try splitting them. A table cross-matched with another lake table:
+    the smaller first, as the tasks' anchors (each task builds the neighbour cells of its chunk, and
+    reads the other, larger side only through the chunk's margin, row groups pruned: the work then
+    totals what one machine does; splitting the larger side made the anchors 3x as many, measured on
+    bench/scale). Otherwise the largest first (the most rows to spread)."""
+    matched = [r for r in plans if any(p in plans for p in _partners(translation, r))]
+    rest = [r for r in plans if r not in matched]
+    return sorted(matched, key=lambda r: plans[r][1].rows) + sorted(rest, key=lambda r: -plans[r][1].rows)
+
+
 def plan_distributed(
     engine: QueryEngine,
     translation: Translation,
@@ -134,7 +145,7 @@ def plan_distributed(
             mem_refs[ref.relation] = memory[key]
             uses[key] = uses.get(key, 0) + 1
     reasons = []
-    for relation in sorted(plans, key=lambda r: -plans[r][1].rows):
+    for relation in _split_candidates(translation, plans):
         lt, scan = plans[relation]
         try:
             split = split_query(translation.sql, relation)

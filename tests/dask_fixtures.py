@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.service_fixtures import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 DASK = Path(sys.executable).with_name("dask")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -32,7 +27,7 @@ class Cluster:
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self.address = f"tcp://127.0.0.1:{_free_port()}"
+        self.address = f"tcp://127.0.0.1:{free_port()}"
         self.procs: list[subprocess.Popen] = []
         port = self.address.rsplit(":", 1)[1]
         cmd = [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"]

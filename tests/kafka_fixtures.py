@@ -4,7 +4,6 @@ named by DAC_TEST_KAFKA_BOOTSTRAP; the tests that need it skip, saying why, when
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,16 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.service_fixtures import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 
 #: consumer settings that make a killed group member's partitions move on in seconds, not minutes
 FAST_GROUP = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500, "max.poll.interval.ms": 20000}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +27,7 @@ def kafka():
     folder = Path(tempfile.mkdtemp(prefix="dac-kafka-")) / "broker"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     proc = subprocess.run(
-        [str(REPO / "scripts" / "kafka.sh"), "start", str(folder), str(_free_port())],
+        [str(REPO / "scripts" / "kafka.sh"), "start", str(folder), str(free_port())],
         capture_output=True,
         text=True,
         env=env,

@@ -83,36 +83,45 @@ def build_service_lake(root: Path) -> ServiceLake:
     return ServiceLake(str(lake_dir), root, config, inputs)
 
 
-def start_service(lake: ServiceLake, job_dir: Path, log: Path, extra_env: dict | None = None) -> Served:
+def launch_serve(
+    args: list[str], env: dict[str, str], log: Path, timeout: float = 60.0, cwd: Path | None = None
+) -> tuple[str, subprocess.Popen]:
+    """`dac serve ARGS --port FREE` in a subprocess (output to `log`), waited for until /health answers:
+    (base URL, process). The one launcher of the service for every test that needs it over HTTP."""
     port = free_port()
-    env = dict(os.environ, DAC_CONFIG=str(lake.config), PYTHONUNBUFFERED="1", **(extra_env or {}))
-    cmd = [
-        sys.executable,
-        "-m",
-        "dac_lake.cli",
-        "serve",
-        "--lake",
-        lake.url,
-        "--port",
-        str(port),
-        "--job-dir",
-        str(job_dir),
-    ]
+    cmd = [sys.executable, "-m", "dac_lake.cli", "serve", *args, "--port", str(port)]
     with open(log, "ab") as out:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            cmd,
+            env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"dac serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return Served(base, lake, process, job_dir, log)
+                return base, process
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     process.kill()
     raise RuntimeError(f"dac serve did not come up:\n{log.read_text()[-3000:]}")
+
+
+def start_service(
+    lake: ServiceLake, job_dir: Path, log: Path, extra_env: dict | None = None, workers: int | None = None
+) -> Served:
+    args = ["--lake", lake.url, "--job-dir", str(job_dir)]
+    if workers is not None:
+        args += ["--workers", str(workers)]
+    env = {"DAC_CONFIG": str(lake.config), **(extra_env or {})}
+    base, process = launch_serve(args, env, log, timeout=90 if workers else 60)
+    return Served(base, lake, process, job_dir, log)
 
 
 def stop_service(served: Served) -> None:

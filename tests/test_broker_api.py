@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,7 +36,7 @@ from dac_lake.lake import Lake
 from dac_lake.storage import LakeStorage
 from ingest.release import IngestOptions, ingest_release
 from tests.conftest import TEST_DEFINITION, make_catalog, write_parts
-from tests.service_fixtures import OTHER_TOKEN, TEAM_TOKEN, free_port
+from tests.service_fixtures import OTHER_TOKEN, TEAM_TOKEN, launch_serve
 from tests.test_alert_lake import AlertSimulator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,30 +82,8 @@ class BrokerEnv:
 def start_broker_service(
     lake_url: str, config: Path, job_dir: Path, log: Path
 ) -> tuple[str, subprocess.Popen]:
-    port = free_port()
-    env = dict(
-        os.environ,
-        DAC_CONFIG=str(config),
-        DAC_LAKE_URL=lake_url,
-        DAC_SERVICE_JOB_DIR=str(job_dir),
-        PYTHONUNBUFFERED="1",
-    )
-    cmd = [sys.executable, "-m", "dac_lake.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "ab") as out:
-        process = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the service exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return base, process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"the service did not come up:\n{log.read_text()[-3000:]}")
+    env = {"DAC_CONFIG": str(config), "DAC_LAKE_URL": lake_url, "DAC_SERVICE_JOB_DIR": str(job_dir)}
+    return launch_serve(["--host", "127.0.0.1"], env, log, cwd=REPO)
 
 
 @pytest.fixture(scope="module")

@@ -277,6 +277,21 @@ def test_unreachable_cluster_is_a_clear_error(engine, service_lake):
     dq.close()
 
 
+def test_workers_that_cannot_read_the_lake_give_a_clear_error(engine, cluster, tmp_path):
+    """A misconfigured cluster (its workers see no lake at the URL the service gives them) fails the job
+    with a message for the operators, not a traceback or a 'bug' error."""
+    from dac_lake.distributed.executor import DaskQueries, QueryUnavailable
+
+    dq = DaskQueries(cluster.address, str(tmp_path / "no-lake-here"), min_rows=0, chunk_rows=CHUNK_ROWS)
+    try:
+        adql = f"SELECT COUNT(*) AS n FROM {SURVEY}"
+        plan = dq.plan(engine, engine.translate(adql, 10))
+        with pytest.raises(QueryUnavailable, match="failed on the Dask cluster"):
+            dq.run(engine, plan, maxrec=10, timeout_s=60)
+    finally:
+        dq.close()
+
+
 def test_cancel_stops_the_tasks(engine, dask_queries):
     """A cancel (ABORT of the async job) during the tasks ends the query with QueryCancelled and cancels
     what the cluster still holds."""

@@ -8,9 +8,6 @@ worker processes and checks that every scrape, whichever worker answers it, sums
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -23,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dac_lake.lake import Lake
 from dac_lake.storage import LakeStorage
-from tests.service_fixtures import TEAM_TOKEN, Served, free_port, start_service, stop_service
+from tests.service_fixtures import TEAM_TOKEN, Served, start_service, stop_service
 
 UWS = "{http://www.ivoa.net/xml/UWS/v1.0}"
 LOG_FIELDS = {
@@ -220,26 +217,7 @@ def test_long_queries_are_cut_in_the_log_not_in_the_metrics(observed):
 
 
 def _start_workers(service_lake, root: Path, workers: int, env: dict[str, str]) -> Served:
-    port = free_port()
-    log = root / "service.log"
-    cmd = [sys.executable, "-m", "dac_lake.cli", "serve", "--lake", service_lake.url, "--port", str(port),
-           "--job-dir", str(root / "jobs"), "--workers", str(workers)]  # fmt: skip
-    full_env = dict(os.environ, DAC_CONFIG=str(service_lake.config), PYTHONUNBUFFERED="1", **env)
-    with open(log, "ab") as out:
-        process = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"dac serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return Served(base, service_lake, process, root / "jobs", log)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"dac serve did not come up:\n{log.read_text()[-3000:]}")
+    return start_service(service_lake, root / "jobs", root / "service.log", extra_env=env, workers=workers)
 
 
 def test_worker_processes_share_their_metrics(service_lake, tmp_path):

@@ -406,8 +406,20 @@ class DaskQueries:
                 if future.status == "cancelled":
                     if control.cancelled:
                         raise QueryCancelled("the query was cancelled")
-                    raise RuntimeError("a task of the distributed query was cancelled by the cluster")
-                result = future.result()
+                    raise QueryUnavailable(
+                        "a task of the query was cancelled by the Dask cluster; run it again"
+                    )
+                try:
+                    result = future.result()
+                except (QueryTimeout, QueryCancelled):
+                    raise  # the query's own limits, as on one machine
+                except Exception as exc:
+                    # a worker that cannot read the lake, a worker Dask gave up on, ...: the operators'
+                    # business (the worker's log has the traceback), not a bug in the caller's query
+                    raise QueryUnavailable(
+                        f"a task of the query failed on the Dask cluster ({type(exc).__name__}: "
+                        f"{_first_line(exc)}); try again later or ask the DAC's operators"
+                    ) from exc
                 results.append(result)
                 rows += result.table.num_rows
                 control.tasks_done = len(results)

@@ -194,6 +194,7 @@ def test_filters_through_the_api_ownership_validation_pause_and_results(env):
     many = r.json()
     assert many["owner"] == "alice" and many["adql"] == adql and many["description"] == "7+ detections"
     assert many["kafka_topic"] == "alice.many" and many["active"] is True
+    assert many["version"] == 1  # the description is written with the filter, not as a second version
     assert r.headers["etag"] == f'"{many["version"]}"'
     assert r.headers["location"].endswith(f"/alerts/{STREAM}/filters/{many['id']}")
     every = httpx.post(
@@ -314,6 +315,7 @@ def test_versions_conflicts_and_if_match(env):
     assert r.status_code == 200, r.text
     assert r.json()["adql"].endswith("batch.objects") and r.json()["description"] == "with bands"
     assert r.headers["etag"] != tag
+    assert r.json()["version"] == current.json()["version"] + 1  # query and description: one version
     # a description-only edit keeps the query; a broken query is refused and changes nothing
     r = httpx.patch(env.url(f"/filters/{f['id']}"), headers=TEAM, json={"description": "renamed"})
     assert r.json()["description"] == "renamed" and "n_bands" in r.json()["adql"]

@@ -604,10 +604,9 @@ def make_broker_router(service: DacService, identity: Callable) -> APIRouter:
             description = check_description(body.get("description"))
             _, topic = topic_of(body)
             active = as_bool(body.get("active"), "active")
-            f = broker.filters.create(who, name, adql or "", kafka_topic=topic, active=active is not False)
-            if description is not None:
-                record = set_description(broker, who, f, description)
-                f = Filter.from_record(record)
+            f = broker.filters.create(
+                who, name, adql or "", kafka_topic=topic, active=active is not False, description=description
+            )
             doc = filter_doc(f, description, stream)
             return doc_response(doc, 201, f"{base_url(request)}/alerts/{stream}/filters/{f.id}")
 
@@ -645,20 +644,22 @@ def make_broker_router(service: DacService, identity: Callable) -> APIRouter:
             if has_topic:
                 kwargs["kafka_topic"] = topic
             changes_filter = has_topic or any(v is not None for v in kwargs.values()) or not has_description
-            if changes_filter:
+            kept = description_of(current)
+            if changes_filter:  # one new version, the description with it
+                if has_description:
+                    kwargs["description"] = description
                 f = checked(
                     lambda: broker.filters.update(
                         who, filter_id, expected_version=expected.version, **kwargs
                     ),
                     expected,
                 )
-                based_on = Expected(f.version, expected.from_header)
-            else:  # only the description: no need to re-validate the query
-                precheck(current.version, expected, f"filter {filter_id}")
-                f, based_on = Filter.from_record(current), expected
-            kept = description_of(current)
-            if has_description and description != kept:
-                record = checked(lambda: set_description(broker, who, f, description), based_on)
+                return doc_response(filter_doc(f, description if has_description else kept, stream))
+            # only the description: no need to re-validate the query
+            precheck(current.version, expected, f"filter {filter_id}")
+            f = Filter.from_record(current)
+            if description != kept:
+                record = checked(lambda: set_description(broker, who, f, description), expected)
                 return doc_response(filter_doc(Filter.from_record(record), description, stream))
             return doc_response(filter_doc(f, kept, stream))
 

@@ -306,11 +306,20 @@ class FilterService:
             raise FilterError(f"the output column name {BATCH_COLUMN!r} is reserved (results add it)")
 
     def create(
-        self, owner: Owner, name: str, adql: str, kafka_topic: str | None = None, active: bool = True
+        self,
+        owner: Owner,
+        name: str,
+        adql: str,
+        kafka_topic: str | None = None,
+        active: bool = True,
+        description: str | None = None,
     ) -> Filter:
+        """A new filter (one version written). `description` is for people (the REST API shows it)."""
         owner_name(owner)
         self.validate(owner, adql)
         spec = {"adql": adql, "kafka_topic": _topic(kafka_topic), "groups": sorted(_groups(owner))}
+        if description is not None:
+            spec["description"] = description
         return Filter.from_record(self.store.create("filters", owner, name, spec, active=active))
 
     def list(self, owner: Owner) -> list[Filter]:
@@ -329,10 +338,12 @@ class FilterService:
         kafka_topic: str | None = _UNSET,
         active: bool | None = None,
         expected_version: int | None = None,
+        description: str | None = _UNSET,
     ) -> Filter:
-        """Edit (only the fields given). Saving refreshes the data rights the filter runs with to the
-        owner's current groups, so the query (new or kept) is validated again with them: a filter that
-        lost access to a catalog it joins is refused here, not left to fail on every batch.
+        """Edit (only the fields given; `description=None` removes it). Saving refreshes the data rights
+        the filter runs with to the owner's current groups, so the query (new or kept) is validated again
+        with them: a filter that lost access to a catalog it joins is refused here, not left to fail on
+        every batch.
         (`pause`/`resume` change only the active flag.)"""
         current = self.store.get("filters", filter_id, owner)
         spec = dict(current.spec)
@@ -341,6 +352,10 @@ class FilterService:
         self.validate(owner, spec["adql"])
         if kafka_topic is not _UNSET:
             spec["kafka_topic"] = _topic(kafka_topic)
+        if description is not _UNSET:
+            spec.pop("description", None)
+            if description is not None:
+                spec["description"] = description
         spec["groups"] = sorted(_groups(owner))
         record = self.store.update(
             "filters",

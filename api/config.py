@@ -17,6 +17,8 @@ memory_limit = "2GB"                    # per query
 threads = 2                             # per query
 query_log = "/var/log/dac-lake/query.log"  # one JSON line per query (unset: the process log)
 query_log_max_chars = 2000              # ADQL text longer than this is cut in the query log
+io_log = false                          # DuckDB's read log: bytes read by every query in the metrics
+                                        # and query log (costs 10-20% on full scans; off: cones' bytes only)
 dask_scheduler = "tcp://10.0.0.5:8786"  # big async queries run as tasks on this Dask cluster (unset: never)
 dask_min_rows = 50000000                # ... when their lake scans hold at least this many rows
 dask_chunk_rows = 5000000               # rows of the split table per task
@@ -57,6 +59,8 @@ class ServiceSettings:
     #: file for the structured query log (api/querylog.py); None: the lines go to the process log
     query_log: str | None = None
     query_log_max_chars: int = 2000
+    #: record every read DuckDB makes (bytes read of full scans in the metrics and query log; +10-20%)
+    io_log: bool = False
     #: Dask scheduler for big async queries (dac_lake/distributed); None: every query runs in the service
     dask_scheduler: str | None = None
     dask_min_rows: int = 50_000_000
@@ -97,6 +101,8 @@ class ServiceSettings:
             try:
                 if kind == "int":
                     typed[name] = int(value)
+                elif kind == "bool":
+                    typed[name] = _as_bool(value)
                 elif kind == "float":
                     typed[name] = float(value)
                 else:
@@ -104,3 +110,15 @@ class ServiceSettings:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"[service] {name} = {value!r} is not a valid {kind}") from exc
         return cls(**typed)
+
+
+def _as_bool(value: Any) -> bool:
+    """TOML booleans, and the usual spellings in environment variables (`DAC_SERVICE_IO_LOG=1`)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {value!r}")

@@ -81,7 +81,9 @@ class DacService:
                     threads=self.settings.threads,
                     timeout_s=self.settings.sync_timeout_s,
                 )
-                engine = self._engines[groups] = QueryEngine(self.lake, groups, limits)
+                engine = self._engines[groups] = QueryEngine(
+                    self.lake, groups, limits, io_log=self.settings.io_log
+                )
             return engine
 
     def session(self, groups: frozenset[str]) -> Session:

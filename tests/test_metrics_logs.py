@@ -297,3 +297,38 @@ def test_a_client_that_leaves_mid_result_is_logged_as_cancelled(observed):
         - value(before, "dac_queries_total", endpoint="sync", status="cancelled")
         == 1
     )
+
+
+def test_io_log_setting_measures_the_bytes_of_full_scans(service_lake, tmp_path):
+    """Without `[service] io_log` a DuckDB full scan reports its files but no bytes (only reads the service
+    makes itself are measured); with `DAC_SERVICE_IO_LOG=true` DuckDB's read log gives the bytes, and the
+    query log and the metrics agree on them."""
+    query_log = tmp_path / "query.log"
+    served = start_service(
+        service_lake,
+        tmp_path / "jobs",
+        tmp_path / "service.log",
+        {"DAC_SERVICE_QUERY_LOG": str(query_log), "DAC_SERVICE_IO_LOG": "true"},
+    )
+    try:
+        count = "SELECT COUNT(*) AS n, AVG(r_mag) AS r FROM demo_survey.source"
+        assert csv_rows(sync(served.base, count, FORMAT="csv")) == 1
+        line = log_lines(query_log, 1)[0]
+        files = sorted(Path(service_lake.url).rglob("demo_survey/dataset/**/*.parquet"))
+        total = sum(f.stat().st_size for f in files)
+        # the footers and the two columns' pages of every partition: more than nothing, less than the files
+        assert line["files_read"] == len(files) and 0 < line["bytes_read"] < total
+        samples = scrape(served.base)
+        assert samples[("dac_query_bytes_read_total", (("endpoint", "sync"),))] == line["bytes_read"]
+    finally:
+        stop_service(served)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("1", True), ("off", False), ("True", True)])
+def test_boolean_service_settings_from_the_environment(value, expected):
+    from api.config import ServiceSettings
+    from dac_lake.settings import Settings
+
+    assert ServiceSettings.from_settings(Settings(), {"DAC_SERVICE_IO_LOG": value}).io_log is expected
+    with pytest.raises(ValueError, match="io_log"):
+        ServiceSettings.from_settings(Settings(), {"DAC_SERVICE_IO_LOG": "maybe"})

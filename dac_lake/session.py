@@ -46,6 +46,7 @@ class Session:
         self.engine = engine or QueryEngine(lake, groups, SandboxLimits(timeout_s=3600.0))
         self.last = QueryStats()
         self.last_result: QueryResult | None = None
+        self._dask: dict = {}  # scheduler address -> dac_lake.distributed.executor.DaskQueries
 
     @cached_property
     def con(self):
@@ -100,12 +101,47 @@ class Session:
         return int(self.lake_table(catalog, release).manifest["rows"])
 
     # ------------------------------------------------------------------ queries
-    def adql(self, text: str, maxrec: int | None = None, timeout_s: float | None = None) -> pa.Table:
+    def adql(
+        self, text: str, maxrec: int | None = None, timeout_s: float | None = None, dask: str | None = None
+    ) -> pa.Table:
         """Run ADQL 2.1 (validated and translated; only generated SQL reaches DuckDB). `self.last_result`
-        keeps the overflow flag, column metadata and what was read (`.explain()`)."""
-        self.last_result = self.engine.adql(text, maxrec=maxrec, timeout_s=timeout_s)
+        keeps the overflow flag, column metadata and what was read (`.explain()`).
+
+        `dask`: a Dask scheduler address (`tcp://HOST:8786`). The query then runs as per-partition tasks
+        on that cluster, as the TAP service runs big async jobs (`dac_lake.distributed`), whatever its
+        size; one that cannot be split runs here (the reason is logged). The result is the same."""
+        result = self._distributed(text, maxrec, timeout_s, dask) if dask else None
+        self.last_result = result or self.engine.adql(text, maxrec=maxrec, timeout_s=timeout_s)
         self._record(self.last_result)
         return self.last_result.table
+
+    def _distributed(
+        self, text: str, maxrec: int | None, timeout_s: float | None, address: str
+    ) -> QueryResult | None:
+        from dac_lake.distributed.executor import DaskQueries
+
+        queries = self._dask.get(address)
+        if queries is None:
+            queries = self._dask[address] = DaskQueries(
+                address, self.lake.storage.url, min_rows=0, limits=self.engine.limits
+            )
+        plan = queries.plan(self.engine, self.engine.translate(text, maxrec))
+        if isinstance(plan, str):
+            log.info("the query runs here, not on the Dask cluster: %s", plan)
+            return None
+        limit = timeout_s or self.engine.limits.timeout_s
+        with queries.run(self.engine, plan, maxrec=maxrec, timeout_s=limit) as stream:
+            batches = list(stream)
+        table = pa.Table.from_batches(batches, schema=stream.schema)
+        return QueryResult(
+            table, stream.columns, stream.overflow, stream.sql, stream.scans, stream.profile, stream.seconds
+        )
+
+    def close(self) -> None:
+        """Let go of the Dask clients this session opened (the engine's database closes with it)."""
+        for queries in self._dask.values():
+            queries.close()
+        self._dask.clear()
 
     def _record(self, result: QueryResult) -> None:
         self.last = QueryStats(
@@ -150,11 +186,12 @@ class Session:
         left_columns: list[str] | None = None,
         right_columns: list[str] | None = None,
         maxrec: int | None = None,
+        dask: str | None = None,
     ) -> pa.Table:
         """All pairs closer than `radius_arcsec` (a band join on declination plus the exact distance; never
-        a cartesian product), with their separation in arcsec."""
+        a cartesian product), with their separation in arcsec; `dask`: on that cluster (see `adql`)."""
         text = self.crossmatch_adql(left, right, radius_arcsec, left_columns, right_columns)
-        return self.adql(text, maxrec=maxrec)
+        return self.adql(text, maxrec=maxrec, dask=dask)
 
     def crossmatch_adql(
         self,

@@ -450,3 +450,27 @@ def test_pyvo_async_job_on_the_cluster(served_with_dask, engine):
     assert pairs == expected and len(pairs) > 1000
     records = [json.loads(line) for line in (root / "query.log").read_text().splitlines()]
     assert any(r.get("executor") == "dask" and r["query"] == " ".join(adql.split()) for r in records)
+
+
+def test_notebook_session_runs_queries_on_the_cluster(cluster, service_lake):
+    """`dac_lake.connect(...).adql(text, dask=ADDRESS)` and `.crossmatch(..., dask=ADDRESS)`: a notebook
+    user sends a big query to the cluster and gets the one-machine answer; an unsplittable one runs in
+    the notebook, with the same answer."""
+    import dac_lake
+
+    session = dac_lake.connect(service_lake.url)
+    try:
+        adql, ordered = QUERIES["crossmatch_aggregate"]
+        local = session.adql(adql)
+        remote = session.adql(adql, dask=cluster.address)
+        assert session.last_result.profile["tasks_run"] >= 3  # it ran on the cluster
+        _same(local, remote, ordered)
+        pairs = session.crossmatch("demo_survey", "demo_xmatch", 2.0, dask=cluster.address)
+        assert session.last_result.profile.get("tasks_run", 0) >= 3
+        assert pairs.num_rows == session.crossmatch("demo_survey", "demo_xmatch", 2.0).num_rows > 1000
+        odd = f"SELECT COUNT(DISTINCT flags) AS n FROM {SURVEY}"
+        via = session.adql(odd, dask=cluster.address)
+        assert "tasks_run" not in session.last_result.profile  # COUNT(DISTINCT): ran here
+        assert via.equals(session.adql(odd))
+    finally:
+        session.close()

@@ -106,6 +106,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from dac_lake.settings import parse_bool
+
 log = logging.getLogger(__name__)
 
 PUBLIC_GROUP = "public"  # same meaning as dac_lake.registry.PUBLIC_GROUP
@@ -303,7 +305,7 @@ class AuthSettings:
         kwargs: dict[str, Any] = {}
         value = pick("DAC_AUTH_ALLOW_ANONYMOUS", "allow_anonymous")
         if value is not None:
-            kwargs["allow_anonymous"] = _as_bool(value, "allow_anonymous")
+            kwargs["allow_anonymous"] = parse_bool(value, "auth.allow_anonymous")
         for env_name, key in (
             ("DAC_AUTH_REALM", "realm"),
             ("DAC_AUTH_JWKS_URL", "jwks_url"),
@@ -359,17 +361,6 @@ def load_auth_settings(environ: Mapping[str, str] | None = None) -> AuthSettings
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     return AuthSettings.from_mapping(data.get("auth") or {}, env)
-
-
-def _as_bool(value: Any, key: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in {"1", "true", "yes", "on"}:
-        return True
-    if text in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"auth.{key} must be true or false, not {value!r}")
 
 
 def _as_str_tuple(value: Any, key: str) -> tuple[str, ...]:

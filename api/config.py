@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from dac_lake.settings import Settings
+from dac_lake.settings import Settings, parse_bool
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class ServiceSettings:
                 if kind == "int":
                     typed[name] = int(value)
                 elif kind == "bool":
-                    typed[name] = _as_bool(value)
+                    typed[name] = parse_bool(value, f"[service] {name}")
                 elif kind == "float":
                     typed[name] = float(value)
                 else:
@@ -110,15 +110,3 @@ class ServiceSettings:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"[service] {name} = {value!r} is not a valid {kind}") from exc
         return cls(**typed)
-
-
-def _as_bool(value: Any) -> bool:
-    """TOML booleans, and the usual spellings in environment variables (`DAC_SERVICE_IO_LOG=1`)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a boolean: {value!r}")

@@ -25,7 +25,7 @@ from dac_lake.adql.model import TableMeta
 from dac_lake.distributed.executor import DaskQueries, DistributedStream, QueryUnavailable
 from dac_lake.engine import MemoryTable, QueryCancelled, QueryControl, QueryEngine, QueryStream
 from dac_lake.lake import Lake
-from dac_lake.sandbox import QueryRejected, QueryTimeout, SandboxError, SandboxLimits
+from dac_lake.sandbox import QueryRejected, QueryTimeout, SandboxError, SandboxLimits, first_line
 from dac_lake.session import Session
 
 log = logging.getLogger("api.query")
@@ -203,9 +203,9 @@ def as_tap_error(exc: BaseException) -> TapError:
     if isinstance(exc, QueryUnavailable):
         return TapError(str(exc), 503)
     log.exception("query failed unexpectedly")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return TapError(
-        f"the service failed while running the query ({first}); this is a bug, please report it", 500
+        f"the service failed while running the query ({first_line(exc)}); this is a bug, please report it",
+        500,
     )
 
 

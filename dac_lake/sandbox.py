@@ -348,7 +348,7 @@ def _lock_instance(
             "SELECT current_setting('enable_external_access'), current_setting('lock_configuration')"
         ).fetchone()
     except duckdb.Error as exc:
-        raise SandboxError(f"could not lock the sandbox: {_first_line(exc)}") from exc
+        raise SandboxError(f"could not lock the sandbox: {first_line(exc)}") from exc
     if external or not locked:
         raise SandboxError(f"DuckDB did not lock: enable_external_access={external}, lock={locked}")
 
@@ -531,7 +531,7 @@ class _Runner:
         try:
             statements = self._con.extract_statements(sql)
         except duckdb.Error as exc:
-            raise QueryRejected(f"the query does not parse: {_first_line(exc)}") from exc
+            raise QueryRejected(f"the query does not parse: {first_line(exc)}") from exc
         if len(statements) != 1:
             raise QueryRejected(f"exactly one statement is allowed; found {len(statements)}")
         kind = statements[0].type
@@ -547,7 +547,7 @@ class _Runner:
                 f"the query is too large to analyse within the {self.limits.memory_limit} memory limit"
             ) from exc
         except duckdb.Error as exc:
-            raise QueryRejected(f"the query does not parse: {_first_line(exc)}") from exc
+            raise QueryRejected(f"the query does not parse: {first_line(exc)}") from exc
         if tree.get("error"):
             raise QueryRejected(f"the query is not allowed: {tree.get('error_message', 'not a SELECT')}")
         if len(tree.get("statements", [])) != 1:
@@ -736,12 +736,12 @@ class _Runner:
             return SandboxError("the query was interrupted (the sandbox is closing)")
         if isinstance(exc, duckdb.OutOfMemoryException):
             return SandboxError(
-                f"the query needs more than the {self.limits.memory_limit} memory limit: {_first_line(exc)}"
+                f"the query needs more than the {self.limits.memory_limit} memory limit: {first_line(exc)}"
             )
         if isinstance(exc, duckdb.PermissionException):
-            return SandboxError(f"the sandbox refused an access: {_first_line(exc)}")
+            return SandboxError(f"the sandbox refused an access: {first_line(exc)}")
         if isinstance(exc, duckdb.Error):
-            return SandboxError(f"the query failed: {_first_line(exc)}")
+            return SandboxError(f"the query failed: {first_line(exc)}")
         return exc
 
     # profile ------------------------------------------------------------------------------------------
@@ -1012,7 +1012,7 @@ class Sandbox(_Runner):
         try:
             self._con.execute(sql)
         except duckdb.Error as exc:
-            raise SandboxError(f"cannot define relation {name!r}: {_first_line(exc)}") from exc
+            raise SandboxError(f"cannot define relation {name!r}: {first_line(exc)}") from exc
         self._relations[name.lower()] = paths
         self._files.update(paths)
 
@@ -1033,7 +1033,7 @@ class Sandbox(_Runner):
         try:
             self._con.register(name, table)
         except duckdb.Error as exc:
-            raise SandboxError(f"cannot define relation {name!r}: {_first_line(exc)}") from exc
+            raise SandboxError(f"cannot define relation {name!r}: {first_line(exc)}") from exc
         self._relations[name.lower()] = []
 
     def lock(self, scope: Literal["files", "lake"] = "files") -> None:
@@ -1336,7 +1336,7 @@ class SandboxQuery(_Runner):
         try:
             self._con.execute(sql)
         except duckdb.Error as exc:
-            raise SandboxError(f"cannot define relation {name!r}: {_first_line(exc)}") from exc
+            raise SandboxError(f"cannot define relation {name!r}: {first_line(exc)}") from exc
         self._views.append(name)
         self._relations[name.lower()] = paths
         self._files.update(paths)
@@ -1363,7 +1363,7 @@ class SandboxQuery(_Runner):
         try:
             self._con.execute(sql)
         except duckdb.Error as exc:
-            raise SandboxError(f"cannot define relation {name!r}: {_first_line(exc)}") from exc
+            raise SandboxError(f"cannot define relation {name!r}: {first_line(exc)}") from exc
         self._views.append(name)
         self._relations[name.lower()] = []
 
@@ -1376,7 +1376,7 @@ class SandboxQuery(_Runner):
         try:
             self._con.register(name, table)
         except duckdb.Error as exc:
-            raise SandboxError(f"cannot register relation {name!r}: {_first_line(exc)}") from exc
+            raise SandboxError(f"cannot register relation {name!r}: {first_line(exc)}") from exc
         self._registered.append(name)
         if hidden:
             self._hidden.add(name.lower())
@@ -1452,6 +1452,7 @@ def _quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def _first_line(exc: BaseException) -> str:
-    """DuckDB messages carry a LINE/caret excerpt of the SQL; the engine reports only the first line."""
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type if it has none): DuckDB messages carry a LINE/caret
+    excerpt of the SQL, other errors tracebacks or detail a person does not need in a one-line report."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -92,6 +92,19 @@ def mask_secret(value: str, keep: int = 0) -> str:
     return "*" * 8
 
 
+def parse_bool(value: Any, what: str) -> bool:
+    """A TOML boolean, or its spellings in environment variables and forms: 1/0, true/false, yes/no,
+    on/off (any case). Anything else is a ValueError naming `what`, never a silent False."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{what} must be true or false, not {value!r}")
+
+
 def _truthy(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 

@@ -71,6 +71,8 @@ from dac_lake.alerts_broker.filters import BATCH_COLUMN, EMPTY_BATCH, WATCHLIST_
 from dac_lake.alerts_broker.store import BrokerRecord
 from dac_lake.alerts_broker.watchmaps import MAX_UPLOAD_BYTES, moc_to_fits
 from dac_lake.registry import readable
+from dac_lake.sandbox import first_line
+from dac_lake.settings import parse_bool
 
 log = logging.getLogger("api.broker")
 
@@ -145,8 +147,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         status, body = exc.http_status, {"error": exc.message}
     else:
         log.exception("broker request failed unexpectedly")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        status, body = 500, {"error": f"the service failed ({first}); this is a bug, please report it"}
+        message = f"the service failed ({first_line(exc)}); this is a bug, please report it"
+        status, body = 500, {"error": message}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -295,14 +297,12 @@ async def json_object(request: Request, allowed: set[str]) -> dict[str, Any]:
 
 
 def as_bool(value: Any, what: str) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise ApiError(f"{what}: true or false, not {value!r}")
+    if value is None:
+        return None
+    try:
+        return parse_bool(value, what)
+    except ValueError:
+        raise ApiError(f"{what}: true or false, not {value!r}") from None
 
 
 def as_float(value: Any, what: str) -> float | None:

@@ -47,7 +47,7 @@ from dac_lake.distributed.split import PARTIALS, NotDistributable, SplitQuery, s
 from dac_lake.distributed.tasks import ChunkResult, run_chunk
 from dac_lake.engine import MemoryTable, QueryCancelled, QueryControl, QueryEngine, ScanPlan
 from dac_lake.registry import LakeTable
-from dac_lake.sandbox import QueryTimeout, SandboxDatabase, SandboxLimits
+from dac_lake.sandbox import QueryTimeout, SandboxDatabase, SandboxLimits, first_line
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +297,7 @@ class DaskQueries:
             self._final(plan, [partial], plan.reference, self.limits.timeout_s)
         except Exception as exc:  # any failure of the probe means: run it locally
             log.warning("the split of this query does not run (%s); it stays on one machine", exc)
-            return f"its split does not run in DuckDB ({_first_line(exc)})"
+            return f"its split does not run in DuckDB ({first_line(exc)})"
         return plan
 
     # ------------------------------------------------------------------ running
@@ -418,7 +418,7 @@ class DaskQueries:
                     # business (the worker's log has the traceback), not a bug in the caller's query
                     raise QueryUnavailable(
                         f"a task of the query failed on the Dask cluster ({type(exc).__name__}: "
-                        f"{_first_line(exc)}); try again later or ask the DAC's operators"
+                        f"{first_line(exc)}); try again later or ask the DAC's operators"
                     ) from exc
                 results.append(result)
                 rows += result.table.num_rows
@@ -464,11 +464,6 @@ class QueryUnavailable(RuntimeError):
 def _run_chunk(lake_url, groups, limits, partial, restrict, pinned, broadcast, memory, timeout_s):
     """The task (a module-level function: Dask pickles it by reference)."""
     return run_chunk(lake_url, groups, limits, partial, restrict, pinned, [*broadcast, *memory], timeout_s)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _empty_result(

@@ -166,7 +166,6 @@ class DacService:
         )
         return PreparedQuery(stream, fmt.media_type, fmt.extension, chunks, t0)
 
-
     def _distributed(
         self,
         engine: QueryEngine,

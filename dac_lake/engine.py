@@ -485,10 +485,14 @@ class QueryEngine:
         return plan_scan(lt, ref, regions, grow)
 
     def scan_plans(
-        self, translation: Translation, memory_tables: Sequence[MemoryTable] = ()
+        self,
+        translation: Translation,
+        memory_tables: Sequence[MemoryTable] = (),
+        pinned: Mapping[str, LakeTable] | None = None,
     ) -> dict[str, tuple[LakeTable, ScanPlan]]:
         """relation -> (its lake table, what a run on one machine would read), for every lake table
-        reference (a distributed query chooses what to split from these)."""
+        reference: what `_define_relations` starts from, and what a distributed query chooses its split
+        from. `pinned` tables are taken as given, the others resolved by the registry now."""
         refs = translation.table_refs
         by_relation = {r.relation: r for r in refs}
         memory = {(m.meta.schema.lower(), m.meta.name.lower()): m for m in memory_tables}
@@ -496,7 +500,7 @@ class QueryEngine:
         for ref in refs:
             if (ref.table.schema.lower(), ref.table.name.lower()) in memory:
                 continue
-            lt = self.registry.find(ref.table.schema, ref.table.name)
+            lt = (pinned or {}).get(ref.relation) or self.registry.find(ref.table.schema, ref.table.name)
             if lt is None:
                 raise RuntimeError(f"translator returned unknown table {ref.table.schema}.{ref.table.name}")
             out[ref.relation] = (lt, self._plan(lt, ref, translation, by_relation, memory))
@@ -515,21 +519,15 @@ class QueryEngine:
         its cell key), then its distinct cells, the neighbour table and the expanded side restricted to the
         anchor's neighbourhood (files and row groups near no anchor row are not read)."""
         refs = translation.table_refs
-        by_relation = {r.relation: r for r in refs}
         memory = {(m.meta.schema.lower(), m.meta.name.lower()): m for m in memory_tables}
-        mems: dict[str, MemoryTable] = {}
-        tables: dict[str, LakeTable] = {}
-        plans: dict[str, ScanPlan] = {}
-        for ref in refs:
-            mem = memory.get((ref.table.schema.lower(), ref.table.name.lower()))
-            if mem is not None:
-                mems[ref.relation] = mem
-                continue
-            lt = (pinned or {}).get(ref.relation) or self.registry.find(ref.table.schema, ref.table.name)
-            if lt is None:
-                raise RuntimeError(f"translator returned unknown table {ref.table.schema}.{ref.table.name}")
-            tables[ref.relation] = lt
-            plans[ref.relation] = self._plan(lt, ref, translation, by_relation, memory)
+        mems = {
+            ref.relation: memory[key]
+            for ref in refs
+            if (key := (ref.table.schema.lower(), ref.table.name.lower())) in memory
+        }
+        resolved = self.scan_plans(translation, memory_tables, pinned)
+        tables = {relation: lt for relation, (lt, _) in resolved.items()}
+        plans = {relation: plan for relation, (_, plan) in resolved.items()}
         for relation, ranges in (restrict or {}).items():
             if relation in plans:
                 plans[relation] = _restrict(tables[relation], plans[relation], ranges)
